@@ -1,0 +1,299 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+const (
+	xattrOverlayPrefix = "trusted.overlay."
+	xattrOpaque        = "trusted.overlay.opaque"
+)
+
+// CompactResult says what a compaction did.
+type CompactResult struct {
+	Compacted bool `json:"compacted"`
+	// From is the chain length before, Generation the new head.
+	From       int    `json:"from,omitempty"`
+	Generation int64  `json:"generation,omitempty"`
+	Layer      string `json:"layer,omitempty"`
+	// ChainLength is the new head's chain length (1, plus any layers
+	// committed while the merge ran).
+	ChainLength int `json:"chainLength,omitempty"`
+}
+
+// CompactIfNeeded compacts cache k when its chain has reached the store's
+// threshold.
+func (s *Store) CompactIfNeeded(k Key) (CompactResult, error) {
+	return s.compact(k, s.opts.CompactThreshold)
+}
+
+// Compact merges cache k's chain into one layer if it has two or more.
+func (s *Store) Compact(k Key) (CompactResult, error) {
+	return s.compact(k, 2)
+}
+
+// compact merges the head's layers into a single layer without holding the
+// cache lock during the merge: commits go on meanwhile. The merged layer
+// hard-links the (immutable) files of the old layers, so it costs one link
+// per file, not a copy of the bytes. Whiteouts and opaque dirs are applied,
+// not carried: the merged layer is the bottom of its chain. Volumes mounted
+// on the old chain keep it (GC will not remove what they use).
+func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
+	lock, err := s.lockCache(k)
+	if err != nil {
+		return CompactResult{}, err
+	}
+	base, ok, err := s.head(k)
+	lock.unlock()
+	if err != nil || !ok || len(base.Layers) < threshold {
+		return CompactResult{}, err
+	}
+
+	t, err := s.newTempDir("compact")
+	if err != nil {
+		return CompactResult{}, err
+	}
+	defer func() {
+		t.release()
+		s.removeTemp(t.path) // after a successful swap the dir is empty
+	}()
+	if err := s.mergeLayers(k, base.Layers, t.path); err != nil {
+		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)
+	}
+	failpoint("compact/merged")
+
+	lock, err = s.lockCache(k)
+	if err != nil {
+		return CompactResult{}, err
+	}
+	defer lock.unlock()
+	head, _, err := s.head(k)
+	if err != nil {
+		return CompactResult{}, err
+	}
+	// Commits made during the merge are kept on top, if they were built on
+	// the chain we merged; otherwise the head moved to another chain and the
+	// merge is dropped (a later run compacts the new one).
+	if !slices.Equal(head.Layers[:min(len(base.Layers), len(head.Layers))], base.Layers) {
+		return CompactResult{}, nil
+	}
+	layer := randomID()
+	if err := os.Rename(filepath.Join(t.path, "layer"), s.layerPath(k, layer)); err != nil {
+		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)
+	}
+	failpoint("compact/layer-renamed")
+	if err := syncDir(filepath.Join(s.cacheDir(k), dirLayers)); err != nil {
+		return CompactResult{}, err
+	}
+	num, err := s.nextGeneration(k)
+	if err != nil {
+		return CompactResult{}, err
+	}
+	g := Generation{
+		Number:  num,
+		Layers:  append([]string{layer}, head.Layers[len(base.Layers):]...),
+		Created: time.Now().UTC(),
+		Source:  "compact",
+	}
+	if err := s.publish(k, g); err != nil {
+		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)
+	}
+	failpoint("compact/published")
+	return CompactResult{Compacted: true, From: len(head.Layers), Generation: g.Number, Layer: layer, ChainLength: len(g.Layers)}, nil
+}
+
+// mergeLayers builds tmp/layer from layers (bottom first).
+func (s *Store) mergeLayers(k Key, layers []string, tmp string) error {
+	if err := os.Mkdir(filepath.Join(tmp, "layer"), 0o755); err != nil {
+		return err
+	}
+	out, err := openRoot(filepath.Join(tmp, "layer"))
+	if err != nil {
+		return err
+	}
+	defer out.Close()
+	root, err := openRoot(s.root)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	for _, id := range layers {
+		if err := validateLayerID(id); err != nil {
+			return err
+		}
+		src, err := root.openBeneath(filepath.Join(dirCaches, k.Namespace, k.Name, dirLayers, id))
+		if err != nil {
+			return err
+		}
+		err = applyLayer(src, out)
+		if err == nil {
+			err = copyDirMetadata(src, out)
+		}
+		src.Close()
+		if err != nil {
+			return fmt.Errorf("merging layer %s: %w", id, err)
+		}
+	}
+	return out.syncfs()
+}
+
+// applyLayer applies the overlay layer src onto the merged tree dst.
+func applyLayer(src, dst *dir) error {
+	names, err := src.names()
+	if err != nil {
+		return err
+	}
+	for _, name := range names {
+		st, err := src.lstat(name)
+		if err != nil {
+			return err
+		}
+		switch st.Mode & unix.S_IFMT {
+		case unix.S_IFCHR:
+			if st.Rdev == 0 { // whiteout: the name is deleted
+				if err := dst.removeAll(name); err != nil {
+					return err
+				}
+				continue
+			}
+			if err := replaceWithLink(src, dst, name); err != nil {
+				return err
+			}
+		case unix.S_IFDIR:
+			if err := applyDir(src, dst, name); err != nil {
+				return err
+			}
+		default: // files, symlinks, fifos, sockets, devices: linked, never followed
+			if err := replaceWithLink(src, dst, name); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+func applyDir(src, dst *dir, name string) error {
+	srcSub, err := src.child(name)
+	if err != nil {
+		return err
+	}
+	defer srcSub.Close()
+	opaque, err := isOpaque(srcSub)
+	if err != nil {
+		return err
+	}
+	dstSt, err := dst.lstat(name)
+	exists := err == nil
+	if err != nil && !errors.Is(err, unix.ENOENT) {
+		return err
+	}
+	if exists && (dstSt.Mode&unix.S_IFMT != unix.S_IFDIR || opaque) {
+		// An opaque dir hides everything below it in the layers beneath.
+		if err := dst.removeAll(name); err != nil {
+			return err
+		}
+		exists = false
+	}
+	if !exists {
+		if err := unix.Mkdirat(dst.fd(), name, 0o700); err != nil {
+			return fmt.Errorf("mkdir %s/%s: %w", dst.f.Name(), name, err)
+		}
+	}
+	dstSub, err := dst.child(name)
+	if err != nil {
+		return err
+	}
+	defer dstSub.Close()
+	if err := applyLayer(srcSub, dstSub); err != nil {
+		return err
+	}
+	return copyDirMetadata(srcSub, dstSub)
+}
+
+func replaceWithLink(src, dst *dir, name string) error {
+	if err := dst.removeAll(name); err != nil {
+		return err
+	}
+	if err := unix.Linkat(src.fd(), name, dst.fd(), name, 0); err != nil {
+		return fmt.Errorf("link %s/%s: %w", src.f.Name(), name, err)
+	}
+	return nil
+}
+
+func isOpaque(d *dir) (bool, error) {
+	buf := make([]byte, 8)
+	n, err := unix.Fgetxattr(d.fd(), xattrOpaque, buf)
+	if errors.Is(err, unix.ENODATA) || errors.Is(err, unix.ENOTSUP) {
+		return false, nil
+	}
+	if err != nil {
+		return false, fmt.Errorf("reading %s of %s: %w", xattrOpaque, d.f.Name(), err)
+	}
+	return n == 1 && buf[0] == 'y', nil
+}
+
+// copyDirMetadata gives dst src's owner, mode, times and extended
+// attributes, except overlay's own.
+func copyDirMetadata(src, dst *dir) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(src.fd(), &st); err != nil {
+		return err
+	}
+	if err := unix.Fchown(dst.fd(), int(st.Uid), int(st.Gid)); err != nil {
+		return fmt.Errorf("chown %s: %w", dst.f.Name(), err)
+	}
+	if err := unix.Fchmod(dst.fd(), st.Mode&0o7777); err != nil {
+		return fmt.Errorf("chmod %s: %w", dst.f.Name(), err)
+	}
+	if err := copyXattrs(src, dst); err != nil {
+		return err
+	}
+	ts := []unix.Timespec{st.Atim, st.Mtim}
+	if err := unix.UtimesNanoAt(dst.fd(), "", ts, unix.AT_EMPTY_PATH); err != nil {
+		// AT_EMPTY_PATH for utimensat needs Linux 5.8+: fall back to the path.
+		if err := unix.UtimesNano(dst.f.Name(), ts); err != nil {
+			return fmt.Errorf("setting times of %s: %w", dst.f.Name(), err)
+		}
+	}
+	return nil
+}
+
+func copyXattrs(src, dst *dir) error {
+	size, err := unix.Flistxattr(src.fd(), nil)
+	if err != nil || size == 0 {
+		if errors.Is(err, unix.ENOTSUP) {
+			return nil
+		}
+		return err
+	}
+	buf := make([]byte, size)
+	size, err = unix.Flistxattr(src.fd(), buf)
+	if err != nil {
+		return err
+	}
+	for _, name := range strings.Split(strings.TrimRight(string(buf[:size]), "\x00"), "\x00") {
+		if name == "" || strings.HasPrefix(name, xattrOverlayPrefix) {
+			continue
+		}
+		n, err := unix.Fgetxattr(src.fd(), name, nil)
+		if err != nil {
+			return err
+		}
+		val := make([]byte, n)
+		if n, err = unix.Fgetxattr(src.fd(), name, val); err != nil {
+			return err
+		}
+		if err := unix.Fsetxattr(dst.fd(), name, val[:n], 0); err != nil {
+			return fmt.Errorf("setting %s on %s: %w", name, dst.f.Name(), err)
+		}
+	}
+	return nil
+}

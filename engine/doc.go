@@ -1,0 +1,29 @@
+// Package engine is layercache's node-local layered store.
+//
+// A Store lives in one directory (by default /var/lib/layercache) and holds
+// caches, immutable layers, generations and volumes:
+//
+//	ROOT/
+//	  caches/NAMESPACE/NAME/
+//	    HEAD                     current generation, replaced by one rename
+//	    generations/NNNNNNNNNNNN.json   ordered layer list (bottom first)
+//	    layers/ID/               immutable directory trees
+//	  volumes/ID/
+//	    volume.json              cache, base generation and its layers
+//	    upper/ work/             the volume's private overlay dirs
+//	  locks/                     per-cache flock files
+//	  tmp/                       work in progress, each entry flocked by its writer
+//	  empty/                     the lower layer of a cache with no content yet
+//
+// A volume is an overlay mount whose lower layers are the layers of the
+// generation that was the cache's head when the volume was created, and
+// whose upper layer is private to the volume. Committing a volume renames its
+// upper dir into the cache's layers and moves HEAD to a new generation (the
+// volume's base layers plus the new one): last writer wins, and readers that
+// started earlier keep their snapshot. Compaction merges a long chain into a
+// single layer off the commit path; GC removes what no generation, volume or
+// live mount references.
+//
+// Several processes may share one store: every change to a cache happens
+// under that cache's flock. Nothing here imports Kubernetes.
+package engine

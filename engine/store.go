@@ -1,0 +1,376 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// DefaultRoot is where the node agent and the CLI keep their store.
+const DefaultRoot = "/var/lib/layercache"
+
+// DefaultCompactThreshold is the chain length at which a cache is compacted.
+const DefaultCompactThreshold = 8
+
+const (
+	dirCaches      = "caches"
+	dirVolumes     = "volumes"
+	dirLocks       = "locks"
+	dirTmp         = "tmp"
+	dirEmpty       = "empty"
+	dirLayers      = "layers"
+	dirGenerations = "generations"
+	fileHead       = "HEAD"
+	fileVolume     = "volume.json"
+)
+
+// Errors callers can test with errors.Is.
+var (
+	ErrNotFound    = errors.New("not found")
+	ErrInUse       = errors.New("in use")
+	ErrMounted     = errors.New("volume is mounted")
+	ErrNotWritable = errors.New("volume is not writable")
+	ErrConflict    = errors.New("conflict")
+)
+
+// Options tune a Store.
+type Options struct {
+	// CompactThreshold is the chain length at which CompactIfNeeded merges
+	// a cache's layers into one. Zero means DefaultCompactThreshold.
+	CompactThreshold int
+}
+
+// Store is a node-local layered store rooted at one directory.
+type Store struct {
+	root string
+	opts Options
+}
+
+// Generation is one immutable state of a cache: an ordered list of layers.
+type Generation struct {
+	Number  int64     `json:"generation"`
+	Layers  []string  `json:"layers"` // bottom first
+	Created time.Time `json:"created"`
+	// Source is "commit" or "compact".
+	Source string `json:"source"`
+	// Volume and Labels describe the committed volume (Source "commit").
+	Volume string            `json:"volume,omitempty"`
+	Labels map[string]string `json:"labels,omitempty"`
+}
+
+type headFile struct {
+	Generation int64 `json:"generation"`
+}
+
+// Open opens (creating if needed) the store at root.
+func Open(root string, opts Options) (*Store, error) {
+	if !filepath.IsAbs(root) {
+		return nil, fmt.Errorf("store root %q: must be an absolute path", root)
+	}
+	if opts.CompactThreshold == 0 {
+		opts.CompactThreshold = DefaultCompactThreshold
+	}
+	if opts.CompactThreshold < 2 {
+		return nil, fmt.Errorf("compact threshold %d: must be at least 2", opts.CompactThreshold)
+	}
+	if err := os.MkdirAll(root, 0o700); err != nil {
+		return nil, fmt.Errorf("creating store root: %w", err)
+	}
+	// Mount options and /proc/self/mountinfo name layers by path: use the
+	// path the kernel reports, and refuse characters that those formats
+	// treat as separators.
+	real, err := filepath.EvalSymlinks(root)
+	if err != nil {
+		return nil, fmt.Errorf("resolving store root: %w", err)
+	}
+	if strings.ContainsAny(real, ",:\\ \t\n") {
+		return nil, fmt.Errorf("store root %q: must not contain ',', ':', '\\' or white space (overlay mount options cannot carry them)", real)
+	}
+	s := &Store{root: real, opts: opts}
+	for _, d := range []string{dirCaches, dirVolumes, dirLocks, dirTmp, dirEmpty} {
+		if err := os.MkdirAll(filepath.Join(real, d), 0o700); err != nil {
+			return nil, fmt.Errorf("creating store layout: %w", err)
+		}
+	}
+	return s, nil
+}
+
+// Root returns the store's directory.
+func (s *Store) Root() string { return s.root }
+
+// CompactThreshold returns the chain length that triggers compaction.
+func (s *Store) CompactThreshold() int { return s.opts.CompactThreshold }
+
+func (s *Store) cacheDir(k Key) string {
+	return filepath.Join(s.root, dirCaches, k.Namespace, k.Name)
+}
+
+func (s *Store) layerPath(k Key, id string) string {
+	return filepath.Join(s.cacheDir(k), dirLayers, id)
+}
+
+func (s *Store) volumeDir(id string) string {
+	return filepath.Join(s.root, dirVolumes, id)
+}
+
+func generationFile(n int64) string { return fmt.Sprintf("%012d.json", n) }
+
+func parseGenerationFile(name string) (int64, bool) {
+	num, ok := strings.CutSuffix(name, ".json")
+	if !ok || len(num) != 12 {
+		return 0, false
+	}
+	n, err := strconv.ParseInt(num, 10, 64)
+	return n, err == nil && n > 0
+}
+
+// head returns the cache's current generation; ok is false for a cache that
+// has never been committed. The caller holds the cache lock, or accepts a
+// snapshot that a concurrent commit may replace (never a torn one).
+func (s *Store) head(k Key) (Generation, bool, error) {
+	var h headFile
+	err := readJSON(filepath.Join(s.cacheDir(k), fileHead), &h)
+	if errors.Is(err, fs.ErrNotExist) {
+		return Generation{}, false, nil
+	}
+	if err != nil {
+		return Generation{}, false, fmt.Errorf("reading head of %s: %w", k, err)
+	}
+	g, err := s.generation(k, h.Generation)
+	if err != nil {
+		return Generation{}, false, fmt.Errorf("reading head of %s: %w", k, err)
+	}
+	return g, true, nil
+}
+
+func (s *Store) generation(k Key, n int64) (Generation, error) {
+	var g Generation
+	if err := readJSON(filepath.Join(s.cacheDir(k), dirGenerations, generationFile(n)), &g); err != nil {
+		return g, fmt.Errorf("generation %d: %w", n, err)
+	}
+	for _, id := range g.Layers {
+		if err := validateLayerID(id); err != nil {
+			return g, fmt.Errorf("generation %d: %w", n, err)
+		}
+	}
+	return g, nil
+}
+
+// generationNumbers lists the generations on disk, oldest first.
+func (s *Store) generationNumbers(k Key) ([]int64, error) {
+	entries, err := os.ReadDir(filepath.Join(s.cacheDir(k), dirGenerations))
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var out []int64
+	for _, e := range entries {
+		if n, ok := parseGenerationFile(e.Name()); ok {
+			out = append(out, n)
+		}
+	}
+	slices.Sort(out)
+	return out, nil
+}
+
+// publish writes generation g and moves the head to it. The head moves by a
+// single rename: a crash leaves the old head or the new one. The caller
+// holds the cache lock.
+func (s *Store) publish(k Key, g Generation) error {
+	dir := s.cacheDir(k)
+	if err := writeJSONAtomic(filepath.Join(dir, dirGenerations), generationFile(g.Number), g); err != nil {
+		return err
+	}
+	failpoint("publish/generation-written")
+	return writeJSONAtomic(dir, fileHead, headFile{Generation: g.Number})
+}
+
+// nextGeneration returns a number above every generation on disk.
+func (s *Store) nextGeneration(k Key) (int64, error) {
+	nums, err := s.generationNumbers(k)
+	if err != nil {
+		return 0, err
+	}
+	if len(nums) == 0 {
+		return 1, nil
+	}
+	return nums[len(nums)-1] + 1, nil
+}
+
+// ensureCacheDirs creates a cache's directories (on its first commit).
+func (s *Store) ensureCacheDirs(k Key) error {
+	dir := s.cacheDir(k)
+	for _, d := range []string{dirLayers, dirGenerations} {
+		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
+			return fmt.Errorf("creating cache %s: %w", k, err)
+		}
+	}
+	if err := syncDir(filepath.Dir(dir)); err != nil {
+		return err
+	}
+	return syncDir(filepath.Join(s.root, dirCaches))
+}
+
+func validateLayerID(id string) error {
+	if len(id) != 24 {
+		return fmt.Errorf("invalid layer ID %q", id)
+	}
+	for i := 0; i < len(id); i++ {
+		if !isLowerAlnum(id[i]) {
+			return fmt.Errorf("invalid layer ID %q", id)
+		}
+	}
+	return nil
+}
+
+// Keys lists the caches in the store, sorted.
+func (s *Store) Keys() ([]Key, error) {
+	var keys []Key
+	nss, err := os.ReadDir(filepath.Join(s.root, dirCaches))
+	if err != nil {
+		return nil, fmt.Errorf("listing caches: %w", err)
+	}
+	for _, ns := range nss {
+		if !ns.IsDir() || ValidateName(ns.Name()) != nil {
+			continue
+		}
+		names, err := os.ReadDir(filepath.Join(s.root, dirCaches, ns.Name()))
+		if err != nil {
+			return nil, fmt.Errorf("listing caches: %w", err)
+		}
+		for _, n := range names {
+			if n.IsDir() && ValidateName(n.Name()) == nil {
+				keys = append(keys, Key{Namespace: ns.Name(), Name: n.Name()})
+			}
+		}
+	}
+	return keys, nil
+}
+
+// CacheInfo describes a cache.
+type CacheInfo struct {
+	Key Key `json:"cache"`
+	// Head is the current generation; nil for a cache with no commit.
+	Head *Generation `json:"head,omitempty"`
+	// Generations lists the generations kept on disk (the head and those
+	// that volumes still use).
+	Generations []int64 `json:"generations"`
+	// Volumes lists the IDs of the volumes created from this cache.
+	Volumes []string `json:"volumes"`
+}
+
+// Inspect describes one cache.
+func (s *Store) Inspect(k Key) (CacheInfo, error) {
+	if err := k.Validate(); err != nil {
+		return CacheInfo{}, err
+	}
+	info := CacheInfo{Key: k, Generations: []int64{}, Volumes: []string{}}
+	if _, err := os.Stat(s.cacheDir(k)); errors.Is(err, fs.ErrNotExist) {
+		return info, fmt.Errorf("cache %s: %w", k, ErrNotFound)
+	}
+	g, ok, err := s.head(k)
+	if err != nil {
+		return info, err
+	}
+	if ok {
+		info.Head = &g
+	}
+	if info.Generations, err = s.generationNumbers(k); err != nil {
+		return info, err
+	}
+	vols, err := s.Volumes()
+	if err != nil {
+		return info, err
+	}
+	for _, v := range vols {
+		if v.Cache == k {
+			info.Volumes = append(info.Volumes, v.ID)
+		}
+	}
+	return info, nil
+}
+
+// DeleteCache removes a cache and all its data. It fails with ErrInUse
+// while a volume still uses the cache.
+func (s *Store) DeleteCache(k Key) error {
+	lock, err := s.lockCache(k)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	if _, err := os.Stat(s.cacheDir(k)); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("cache %s: %w", k, ErrNotFound)
+	}
+	vols, err := s.Volumes()
+	if err != nil {
+		return err
+	}
+	var users []string
+	for _, v := range vols {
+		if v.Cache == k {
+			users = append(users, v.ID)
+		}
+	}
+	if len(users) > 0 {
+		return fmt.Errorf("cache %s is used by volume(s) %s: %w", k, strings.Join(users, ", "), ErrInUse)
+	}
+	return s.trash(s.cacheDir(k))
+}
+
+// trash moves path into ROOT/tmp (one rename, so it disappears at once) and
+// then deletes it. If the process dies while deleting, GC finishes the job.
+func (s *Store) trash(path string) error {
+	t, err := s.newTempDir("trash")
+	if err != nil {
+		return err
+	}
+	defer t.release()
+	if err := os.Rename(path, filepath.Join(t.path, "x")); err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return os.Remove(t.path)
+		}
+		return fmt.Errorf("removing %s: %w", path, err)
+	}
+	failpoint("trash/renamed")
+	if err := syncDir(filepath.Dir(path)); err != nil {
+		return err
+	}
+	return s.removeTemp(t.path)
+}
+
+// removeTemp deletes an entry of ROOT/tmp without following symlinks.
+func (s *Store) removeTemp(path string) error {
+	tmp, err := openRoot(filepath.Join(s.root, dirTmp))
+	if err != nil {
+		return err
+	}
+	defer tmp.Close()
+	return tmp.removeAll(filepath.Base(path))
+}
+
+// generationWithLayer returns the generation on disk whose top layer is id
+// (the one a commit of that layer wrote), or nil.
+func (s *Store) generationWithLayer(k Key, id string) (*Generation, error) {
+	nums, err := s.generationNumbers(k)
+	if err != nil {
+		return nil, err
+	}
+	for i := len(nums) - 1; i >= 0; i-- {
+		g, err := s.generation(k, nums[i])
+		if err != nil {
+			return nil, err
+		}
+		if g.Source == "commit" && len(g.Layers) > 0 && g.Layers[len(g.Layers)-1] == id {
+			return &g, nil
+		}
+	}
+	return nil, nil
+}

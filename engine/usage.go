@@ -1,0 +1,127 @@
+package engine
+
+import (
+	"errors"
+	"os"
+	"path/filepath"
+
+	"golang.org/x/sys/unix"
+)
+
+// LayerUsage is the disk use of one layer.
+type LayerUsage struct {
+	ID     string `json:"id"`
+	Bytes  int64  `json:"bytes"`
+	Inodes int64  `json:"inodes"`
+}
+
+// CacheUsage is the disk use of one cache: every layer it keeps on disk,
+// with inodes shared between layers (compaction links files) counted once.
+type CacheUsage struct {
+	Key    Key          `json:"cache"`
+	Bytes  int64        `json:"bytes"`
+	Inodes int64        `json:"inodes"`
+	Layers []LayerUsage `json:"layers"`
+}
+
+type inodeKey struct{ dev, ino uint64 }
+
+type counter struct {
+	seen          map[inodeKey]bool
+	bytes, inodes int64
+}
+
+func newCounter() *counter { return &counter{seen: map[inodeKey]bool{}} }
+
+func (c *counter) add(st *unix.Stat_t) bool {
+	k := inodeKey{uint64(st.Dev), st.Ino}
+	if c.seen[k] {
+		return false
+	}
+	c.seen[k] = true
+	c.bytes += st.Blocks * 512
+	c.inodes++
+	return true
+}
+
+// Usage measures cache k. It walks layers without following symlinks.
+func (s *Store) Usage(k Key) (CacheUsage, error) {
+	u := CacheUsage{Key: k, Layers: []LayerUsage{}}
+	if err := k.Validate(); err != nil {
+		return u, err
+	}
+	root, err := openRoot(s.root)
+	if err != nil {
+		return u, err
+	}
+	defer root.Close()
+	rel := filepath.Join(dirCaches, k.Namespace, k.Name, dirLayers)
+	entries, err := os.ReadDir(filepath.Join(s.root, rel))
+	if errors.Is(err, os.ErrNotExist) {
+		return u, nil
+	}
+	if err != nil {
+		return u, err
+	}
+	total := newCounter()
+	for _, e := range entries {
+		if validateLayerID(e.Name()) != nil {
+			continue
+		}
+		d, err := root.openBeneath(filepath.Join(rel, e.Name()))
+		if errors.Is(err, unix.ENOENT) {
+			continue // removed by GC meanwhile
+		}
+		if err != nil {
+			return u, err
+		}
+		own := newCounter()
+		err = measure(d, own, total)
+		d.Close()
+		if err != nil {
+			return u, err
+		}
+		u.Layers = append(u.Layers, LayerUsage{ID: e.Name(), Bytes: own.bytes, Inodes: own.inodes})
+	}
+	u.Bytes, u.Inodes = total.bytes, total.inodes
+	return u, nil
+}
+
+// VolumeUsage measures the private upper layer of volume id: what the
+// volume's writers added.
+func (s *Store) VolumeUsage(id string) (bytes, inodes int64, err error) {
+	if err := ValidateVolumeID(id); err != nil {
+		return 0, 0, err
+	}
+	root, err := openRoot(s.root)
+	if err != nil {
+		return 0, 0, err
+	}
+	defer root.Close()
+	d, err := root.openBeneath(filepath.Join(dirVolumes, id, "upper"))
+	if err != nil {
+		return 0, 0, err
+	}
+	defer d.Close()
+	c := newCounter()
+	if err := measure(d, c); err != nil {
+		return 0, 0, err
+	}
+	return c.bytes, c.inodes, nil
+}
+
+func measure(d *dir, counters ...*counter) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(d.fd(), &st); err != nil {
+		return err
+	}
+	for _, c := range counters {
+		c.add(&st)
+	}
+	return d.walk(func(_ *dir, _ string, st *unix.Stat_t) error {
+		for _, c := range counters {
+			c.add(st)
+		}
+		return nil
+	})
+}

@@ -1,0 +1,401 @@
+package engine
+
+import (
+	"errors"
+	"fmt"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"time"
+)
+
+// Volume is a private view of a cache: the layers of the generation that
+// was the head when the volume was created, plus its own upper dir.
+type Volume struct {
+	ID    string `json:"id"`
+	Cache Key    `json:"cache"`
+	// Generation and Layers are the snapshot the volume started from
+	// (generation 0 and no layers for a cache with no commit yet).
+	Generation int64    `json:"generation"`
+	Layers     []string `json:"layers"`
+	// Writable volumes may be committed.
+	Writable bool              `json:"writable"`
+	Created  time.Time         `json:"created"`
+	Labels   map[string]string `json:"labels,omitempty"`
+	// CommitLayer is set while a commit is under way: the layer ID the
+	// upper dir is renamed to. A commit interrupted by a crash is finished
+	// by the next Commit of the same volume.
+	CommitLayer string `json:"commitLayer,omitempty"`
+}
+
+// VolumeOptions parameterise CreateVolume.
+type VolumeOptions struct {
+	Writable bool
+	// Labels are stored with the volume and copied into the generation
+	// its commit creates (for example the pod that wrote it).
+	Labels map[string]string
+}
+
+func (s *Store) upperDir(id string) string { return filepath.Join(s.volumeDir(id), "upper") }
+func (s *Store) workDir(id string) string  { return filepath.Join(s.volumeDir(id), "work") }
+
+// CreateVolume creates volume id on cache k from the cache's current head.
+// Creating a volume that exists on the same cache returns it unchanged.
+func (s *Store) CreateVolume(id string, k Key, opts VolumeOptions) (*Volume, error) {
+	if err := ValidateVolumeID(id); err != nil {
+		return nil, err
+	}
+	lock, err := s.lockCache(k)
+	if err != nil {
+		return nil, err
+	}
+	defer lock.unlock()
+
+	if v, err := s.Volume(id); err == nil {
+		if v.Cache != k {
+			return nil, fmt.Errorf("volume %s exists on cache %s, not %s: %w", id, v.Cache, k, ErrConflict)
+		}
+		return v, nil
+	} else if !errors.Is(err, ErrNotFound) {
+		return nil, err
+	}
+
+	g, _, err := s.head(k)
+	if err != nil {
+		return nil, err
+	}
+	v := &Volume{
+		ID: id, Cache: k, Generation: g.Number, Layers: g.Layers,
+		Writable: opts.Writable, Created: time.Now().UTC(), Labels: opts.Labels,
+	}
+	if v.Layers == nil {
+		v.Layers = []string{}
+	}
+	t, err := s.newTempDir("volume")
+	if err != nil {
+		return nil, err
+	}
+	defer t.release()
+	for _, d := range []string{"upper", "work"} {
+		if err := os.Mkdir(filepath.Join(t.path, d), 0o755); err != nil {
+			return nil, fmt.Errorf("creating volume %s: %w", id, err)
+		}
+	}
+	if err := writeJSONAtomic(t.path, fileVolume, v); err != nil {
+		return nil, fmt.Errorf("creating volume %s: %w", id, err)
+	}
+	failpoint("volume/prepared")
+	if err := os.Rename(t.path, s.volumeDir(id)); err != nil {
+		return nil, fmt.Errorf("creating volume %s: %w", id, err)
+	}
+	failpoint("volume/published")
+	if err := syncDir(filepath.Join(s.root, dirVolumes)); err != nil {
+		return nil, err
+	}
+	return v, nil
+}
+
+// Volume reads volume id.
+func (s *Store) Volume(id string) (*Volume, error) {
+	if err := ValidateVolumeID(id); err != nil {
+		return nil, err
+	}
+	var v Volume
+	err := readJSON(filepath.Join(s.volumeDir(id), fileVolume), &v)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, fmt.Errorf("volume %s: %w", id, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("volume %s: %w", id, err)
+	}
+	if v.ID != id {
+		return nil, fmt.Errorf("volume %s: metadata names volume %q", id, v.ID)
+	}
+	if err := v.Cache.Validate(); err != nil {
+		return nil, fmt.Errorf("volume %s: %w", id, err)
+	}
+	for _, l := range append(slices.Clone(v.Layers), v.CommitLayer) {
+		if l == "" {
+			continue
+		}
+		if err := validateLayerID(l); err != nil {
+			return nil, fmt.Errorf("volume %s: %w", id, err)
+		}
+	}
+	return &v, nil
+}
+
+// Volumes lists the volumes in the store.
+func (s *Store) Volumes() ([]*Volume, error) {
+	entries, err := os.ReadDir(filepath.Join(s.root, dirVolumes))
+	if err != nil {
+		return nil, fmt.Errorf("listing volumes: %w", err)
+	}
+	var out []*Volume
+	for _, e := range entries {
+		if ValidateVolumeID(e.Name()) != nil {
+			continue
+		}
+		v, err := s.Volume(e.Name())
+		if errors.Is(err, ErrNotFound) {
+			continue // removed meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, v)
+	}
+	return out, nil
+}
+
+// MountPoints returns where volume id is mounted (from mountinfo).
+func (s *Store) MountPoints(id string) ([]string, error) {
+	if err := ValidateVolumeID(id); err != nil {
+		return nil, err
+	}
+	mounts, err := readMountInfo()
+	if err != nil {
+		return nil, err
+	}
+	upper := s.upperDir(id)
+	var out []string
+	for _, m := range mounts {
+		if m.FSType == "overlay" && m.Upper == upper {
+			out = append(out, m.MountPoint)
+		}
+	}
+	return out, nil
+}
+
+// VolumeAt returns the ID of the store's volume mounted at target.
+func (s *Store) VolumeAt(target string) (string, error) {
+	mounts, err := readMountInfo()
+	if err != nil {
+		return "", err
+	}
+	volumes := filepath.Join(s.root, dirVolumes) + "/"
+	for _, m := range mounts {
+		if m.MountPoint != target || m.FSType != "overlay" {
+			continue
+		}
+		rel, ok := strings.CutPrefix(m.Upper, volumes)
+		if !ok {
+			continue
+		}
+		id, rest, _ := strings.Cut(rel, "/")
+		if rest == "upper" && ValidateVolumeID(id) == nil {
+			return id, nil
+		}
+	}
+	return "", fmt.Errorf("no layercache volume of %s is mounted at %s: %w", s.root, target, ErrNotFound)
+}
+
+// Mount mounts volume id at target (created if missing). Mounting a volume
+// where it is already mounted does nothing.
+func (s *Store) Mount(id, target string) error {
+	if !filepath.IsAbs(target) {
+		return fmt.Errorf("mount target %q: must be an absolute path", target)
+	}
+	target = filepath.Clean(target)
+	v, err := s.Volume(id)
+	if err != nil {
+		return err
+	}
+	lock, err := s.lockCache(v.Cache)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	if v, err = s.Volume(id); err != nil { // re-read under the lock
+		return err
+	}
+	if v.CommitLayer != "" {
+		return fmt.Errorf("volume %s is being committed: %w", id, ErrConflict)
+	}
+	if err := os.MkdirAll(target, 0o750); err != nil {
+		return fmt.Errorf("creating mount target: %w", err)
+	}
+	if real, err := filepath.EvalSymlinks(target); err == nil {
+		target = real
+	}
+	points, err := s.MountPoints(id)
+	if err != nil {
+		return err
+	}
+	if slices.Contains(points, target) {
+		return nil
+	}
+	lowers := make([]string, 0, len(v.Layers)+1)
+	for i := len(v.Layers) - 1; i >= 0; i-- {
+		lowers = append(lowers, s.layerPath(v.Cache, v.Layers[i]))
+	}
+	if len(lowers) == 0 {
+		lowers = append(lowers, filepath.Join(s.root, dirEmpty))
+	}
+	return mountOverlay(lowers, s.upperDir(id), s.workDir(id), target)
+}
+
+// Unmount unmounts volume id from everywhere it is mounted.
+func (s *Store) Unmount(id string) error {
+	points, err := s.MountPoints(id)
+	if err != nil {
+		return err
+	}
+	for _, p := range points {
+		if err := unmount(p); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (s *Store) ensureUnmounted(id string) error {
+	points, err := s.MountPoints(id)
+	if err != nil {
+		return err
+	}
+	if len(points) > 0 {
+		return fmt.Errorf("volume %s is mounted at %s: %w", id, points[0], ErrMounted)
+	}
+	return nil
+}
+
+// Discard removes volume id without committing it. It must be unmounted.
+// Discarding a volume that does not exist is not an error.
+func (s *Store) Discard(id string) error {
+	v, err := s.Volume(id)
+	if errors.Is(err, ErrNotFound) {
+		return nil
+	}
+	if err != nil {
+		return err
+	}
+	lock, err := s.lockCache(v.Cache)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	if err := s.ensureUnmounted(id); err != nil {
+		return err
+	}
+	return s.trash(s.volumeDir(id))
+}
+
+// CommitResult says what a commit did.
+type CommitResult struct {
+	// Committed is false when the volume had nothing to commit (its upper
+	// dir was empty); the volume is removed either way.
+	Committed  bool   `json:"committed"`
+	Generation int64  `json:"generation,omitempty"`
+	Layer      string `json:"layer,omitempty"`
+	// ChainLength is the number of layers in the new head.
+	ChainLength int `json:"chainLength,omitempty"`
+}
+
+// Commit makes volume id's upper layer the cache's next generation: the
+// volume's base layers plus the upper dir, renamed into the cache. The head
+// moves atomically and the last writer wins. The volume must be writable
+// and unmounted; it is removed on success. Committing a volume that a crash
+// interrupted finishes that commit.
+func (s *Store) Commit(id string) (CommitResult, error) {
+	v, err := s.Volume(id)
+	if err != nil {
+		return CommitResult{}, err
+	}
+	if !v.Writable {
+		return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, ErrNotWritable)
+	}
+	lock, err := s.lockCache(v.Cache)
+	if err != nil {
+		return CommitResult{}, err
+	}
+	defer lock.unlock()
+	if v, err = s.Volume(id); err != nil {
+		return CommitResult{}, err
+	}
+	if err := s.ensureUnmounted(id); err != nil {
+		return CommitResult{}, err
+	}
+	failpoint("commit/locked")
+
+	layer := v.CommitLayer
+	if layer == "" {
+		upper, err := openRoot(s.upperDir(id))
+		if err != nil {
+			return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
+		}
+		empty, err := upper.isEmpty()
+		if err == nil {
+			// Make the layer's content durable before anything points at it.
+			err = upper.syncfs()
+		}
+		upper.Close()
+		if err != nil {
+			return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
+		}
+		if empty {
+			return CommitResult{}, s.trash(s.volumeDir(id))
+		}
+		failpoint("commit/synced")
+		// Record the intent first: a crash after the rename below is then
+		// finished by the next Commit instead of losing the upper dir.
+		layer = randomID()
+		v.CommitLayer = layer
+		if err := writeJSONAtomic(s.volumeDir(id), fileVolume, v); err != nil {
+			return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
+		}
+		failpoint("commit/intent-recorded")
+	}
+	if err := s.ensureCacheDirs(v.Cache); err != nil {
+		return CommitResult{}, err
+	}
+	failpoint("commit/cache-ready")
+	dst := s.layerPath(v.Cache, layer)
+	if err := os.Rename(s.upperDir(id), dst); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
+	}
+	failpoint("commit/layer-renamed")
+	if _, err := os.Stat(dst); err != nil {
+		return CommitResult{}, fmt.Errorf("committing volume %s: layer %s is missing: %w", id, layer, err)
+	}
+	if err := syncDir(filepath.Dir(dst)); err != nil {
+		return CommitResult{}, err
+	}
+	if err := syncDir(s.volumeDir(id)); err != nil {
+		return CommitResult{}, err
+	}
+	failpoint("commit/layer-durable")
+
+	head, _, err := s.head(v.Cache)
+	if err != nil {
+		return CommitResult{}, err
+	}
+	g := Generation{
+		Layers:  append(slices.Clone(v.Layers), layer),
+		Created: time.Now().UTC(), Source: "commit", Volume: id, Labels: v.Labels,
+	}
+	if published, err := s.generationWithLayer(v.Cache, layer); err != nil {
+		return CommitResult{}, err
+	} else if published != nil {
+		g = *published // a crash came after the generation was written
+		if head.Number < g.Number {
+			if err := s.publish(v.Cache, g); err != nil {
+				return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
+			}
+		}
+	} else {
+		if g.Number, err = s.nextGeneration(v.Cache); err != nil {
+			return CommitResult{}, err
+		}
+		if err := s.publish(v.Cache, g); err != nil {
+			return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
+		}
+	}
+	failpoint("commit/published")
+	if err := s.trash(s.volumeDir(id)); err != nil {
+		return CommitResult{}, err
+	}
+	return CommitResult{Committed: true, Generation: g.Number, Layer: layer, ChainLength: len(g.Layers)}, nil
+}
