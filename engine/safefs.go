@@ -118,29 +118,35 @@ func (d *dir) removeAll(name string) error {
 		}
 		return err
 	}
+	flags := 0
 	if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-		sub, err := d.child(name)
-		if err != nil {
+		if err := d.emptyChild(name); err != nil {
 			return err
 		}
-		entries, err := sub.names()
-		if err == nil {
-			for _, e := range entries {
-				if err = sub.removeAll(e); err != nil {
-					break
-				}
-			}
-		}
-		sub.Close()
-		if err != nil {
-			return err
-		}
-		err = unix.Unlinkat(d.fd(), name, unix.AT_REMOVEDIR)
-	} else {
-		err = unix.Unlinkat(d.fd(), name, 0)
+		flags = unix.AT_REMOVEDIR
 	}
+	err = unix.Unlinkat(d.fd(), name, flags)
 	if err != nil && !errors.Is(err, unix.ENOENT) {
 		return &os.PathError{Op: "unlinkat", Path: d.f.Name() + "/" + name, Err: err}
+	}
+	return nil
+}
+
+// emptyChild removes everything below the subdirectory name.
+func (d *dir) emptyChild(name string) error {
+	sub, err := d.child(name)
+	if err != nil {
+		return err
+	}
+	defer sub.Close()
+	entries, err := sub.names()
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if err := sub.removeAll(e); err != nil {
+			return err
+		}
 	}
 	return nil
 }
@@ -197,14 +203,6 @@ func (d *dir) isEmpty() (bool, error) {
 func (d *dir) syncfs() error {
 	if err := unix.Syncfs(d.fd()); err != nil {
 		return fmt.Errorf("syncfs %s: %w", d.f.Name(), err)
-	}
-	return nil
-}
-
-// fsync flushes d's own entries (after a create, rename or unlink in it).
-func (d *dir) fsync() error {
-	if err := d.f.Sync(); err != nil {
-		return fmt.Errorf("fsync %s: %w", d.f.Name(), err)
 	}
 	return nil
 }

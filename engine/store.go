@@ -374,3 +374,15 @@ func (s *Store) generationWithLayer(k Key, id string) (*Generation, error) {
 	}
 	return nil, nil
 }
+
+// LayerPath returns the directory of layer id of cache k (for tools that
+// read a layer; a layer must never be modified).
+func (s *Store) LayerPath(k Key, id string) (string, error) {
+	if err := k.Validate(); err != nil {
+		return "", err
+	}
+	if err := validateLayerID(id); err != nil {
+		return "", err
+	}
+	return s.layerPath(k, id), nil
+}

@@ -42,5 +42,5 @@ for c in "${comps[@]}"; do
   # half-written binary that a later run would take as done.
   CGO_ENABLED=0 go build -trimpath -ldflags "$ldflags" -o "$out/.$c.tmp" "./cmd/$c"
   mv "$out/.$c.tmp" "$out/$c"
-  echo "built $c ${KUBE_VERSION} in $(( $(date +%s) - start ))s"
+  echo "built $c in $(( $(date +%s) - start ))s"
 done

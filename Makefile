@@ -1,0 +1,129 @@
+# layercache: copy-on-write layered build caches for Kubernetes.
+#
+# `make help` lists the targets. Everything the targets need (Go tools,
+# Kubernetes binaries, Debian packages) is installed by the targets
+# themselves, idempotently, into bin/ or through apt-get.
+
+SHELL := /usr/bin/env bash -o pipefail
+.SHELLFLAGS := -ec
+.DEFAULT_GOAL := help
+
+BIN ?= $(CURDIR)/bin
+TOOLS := $(BIN)/tools
+GO ?= go
+
+STATICCHECK_VERSION ?= v0.8.2
+STATICCHECK := $(TOOLS)/staticcheck-$(STATICCHECK_VERSION)
+CONTROLLER_TOOLS_VERSION ?= v0.19.0
+CONTROLLER_GEN := $(TOOLS)/controller-gen-$(CONTROLLER_TOOLS_VERSION)
+
+# Benchmark sizes (make bench BENCH_SIZE=256MiB BENCH_FILES=10000).
+BENCH_SIZE ?= 1GiB
+BENCH_FILES ?= 50000
+BENCH_SMALL_SIZE ?= 100MiB
+BENCH_RUNS ?= 7
+BENCH_DIR ?= /var/tmp/layercache-bench
+
+# Kubernetes built from the Go module proxy (hack/k8s), for envtest and the
+# local cluster.
+KUBE_VERSION ?= v1.33.13
+K8S_BIN := $(BIN)/k8s/$(KUBE_VERSION)
+ENVTEST_ASSETS := $(K8S_BIN)
+
+##@ General
+
+.PHONY: help
+help: ## Show this help.
+	@awk 'BEGIN {FS = ":.*##"; printf "Usage: make \033[36m<target>\033[0m\n"} /^[a-zA-Z_0-9-]+:.*?##/ { printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2 } /^##@/ { printf "\n\033[1m%s\033[0m\n", substr($$0, 5) }' $(MAKEFILE_LIST)
+
+##@ Development
+
+.PHONY: manifests
+manifests: $(CONTROLLER_GEN) ## Generate the CRD manifests into config/crd/bases.
+	$(CONTROLLER_GEN) crd paths="./api/..." output:crd:artifacts:config=config/crd/bases
+
+.PHONY: generate
+generate: $(CONTROLLER_GEN) ## Generate the DeepCopy methods of the API types.
+	$(CONTROLLER_GEN) object:headerFile="hack/boilerplate.go.txt" paths="./api/..."
+
+.PHONY: check-generated
+check-generated: $(CONTROLLER_GEN) ## Fail if the generated files are not what the sources generate.
+	@before=$$(mktemp -d); trap 'rm -rf "$$before"' EXIT; cp -a api config "$$before"/; \
+	$(MAKE) -s generate manifests; \
+	if ! diff -r "$$before/api" api || ! diff -r "$$before/config" config; then \
+		echo "generated files were out of date (now regenerated): review and commit them"; exit 1; fi
+
+.PHONY: fmt
+fmt: ## Format the Go code.
+	$(GO) fmt ./...
+
+.PHONY: vet
+vet: ## Run go vet.
+	$(GO) vet ./...
+
+.PHONY: lint
+lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
+	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*')); \
+	if [ -n "$$unformatted" ]; then echo "gofmt needed on: $$unformatted"; exit 1; fi
+	$(STATICCHECK) ./...
+
+.PHONY: test
+test: lint check-generated envtest-assets ## Run every test (as root: the engine mounts real overlays).
+	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./...
+
+.PHONY: fuzz
+fuzz: ## Fuzz the name parsers for a while (FUZZTIME=1m).
+	$(GO) test -run '^$$' -fuzz FuzzParseKey -fuzztime $(or $(FUZZTIME),1m) ./engine/
+	$(GO) test -run '^$$' -fuzz FuzzValidateVolumeID -fuzztime $(or $(FUZZTIME),1m) ./engine/
+
+.PHONY: bench
+bench: ## Measure volume setup, commit and compaction against cp -a and tar -x (root).
+	$(GO) run ./hack/bench --dir $(BENCH_DIR) --size $(BENCH_SIZE) --files $(BENCH_FILES) \
+		--small-size $(BENCH_SMALL_SIZE) --runs $(BENCH_RUNS)
+
+##@ Build
+
+.PHONY: build
+build: ## Build the binaries into bin/.
+	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/layercache ./cmd/layercache
+
+##@ Local cluster
+
+.PHONY: k8s-binaries
+k8s-binaries: ## Build etcd and Kubernetes into bin/k8s/VERSION (once; ~9 min cold on 2 cores).
+	hack/k8s/build.sh $(K8S_BIN)
+
+.PHONY: envtest-assets
+envtest-assets: ## Build etcd and kube-apiserver for envtest (KUBEBUILDER_ASSETS=bin/k8s/VERSION).
+	hack/k8s/build.sh $(K8S_BIN) etcd kube-apiserver
+
+.PHONY: images
+images: ## Write the OCI images into bin/images; import them if the cluster runs.
+	hack/images/build.sh
+	@if [ -S /var/lib/layercache-cluster/containerd/containerd.sock ]; then hack/images/import.sh; fi
+
+.PHONY: cluster-up
+cluster-up: ## Start a real single-node cluster here (root); prints the KUBECONFIG to use.
+	hack/cluster/up.sh
+
+.PHONY: cluster-down
+cluster-down: ## Stop the cluster and remove everything it made, then check that nothing is left.
+	hack/cluster/down.sh
+
+.PHONY: cluster-smoke
+cluster-smoke: ## Bring the cluster up, run a Bidirectional overlay pod, tear down, check clean.
+	hack/cluster/up.sh
+	hack/cluster/smoke.sh || { hack/cluster/down.sh; exit 1; }
+	hack/cluster/down.sh
+
+##@ Tools
+
+$(STATICCHECK):
+	@mkdir -p $(TOOLS)
+	GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION)
+	mv $(TOOLS)/staticcheck $@
+
+$(CONTROLLER_GEN):
+	@mkdir -p $(TOOLS)
+	GOBIN=$(TOOLS) $(GO) install sigs.k8s.io/controller-tools/cmd/controller-gen@$(CONTROLLER_TOOLS_VERSION)
+	mv $(TOOLS)/controller-gen $@

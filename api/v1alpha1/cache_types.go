@@ -1,0 +1,121 @@
+package v1alpha1
+
+import (
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// CacheSpec is what a user may set on a cache. Everything is optional: a
+// Cache is created by layercache at its first commit.
+type CacheSpec struct {
+	// ReadOnly freezes the cache: builds still read it, nothing is
+	// committed.
+	// +optional
+	ReadOnly bool `json:"readOnly,omitempty"`
+
+	// TTL evicts the cache's data from a node after it has not been used
+	// there for this long (for example "168h").
+	// +optional
+	// +kubebuilder:validation:Type=string
+	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
+	TTL *metav1.Duration `json:"ttl,omitempty"`
+
+	// MaxSize bounds the cache's size on a node; a commit that would make it
+	// larger is refused.
+	// +optional
+	MaxSize *resource.Quantity `json:"maxSize,omitempty"`
+}
+
+// NodeCacheStatus is the cache's state on one node.
+type NodeCacheStatus struct {
+	// Node is the node's name.
+	Node string `json:"node"`
+
+	// Generation is the cache's current generation on the node.
+	Generation int64 `json:"generation"`
+
+	// Layers is the length of the generation's layer chain.
+	Layers int32 `json:"layers"`
+
+	// Size is the disk space the cache uses on the node.
+	Size resource.Quantity `json:"size"`
+
+	// LastCommitTime is when the current generation was committed.
+	// +optional
+	LastCommitTime *metav1.Time `json:"lastCommitTime,omitempty"`
+
+	// LastCommitPod is the namespace/name of the pod that committed it.
+	// +optional
+	LastCommitPod string `json:"lastCommitPod,omitempty"`
+
+	// LastUsedTime is when a volume of the cache was last created on the
+	// node (what TTL eviction measures from).
+	// +optional
+	LastUsedTime *metav1.Time `json:"lastUsedTime,omitempty"`
+}
+
+// CacheStatus is observed by layercache; users do not set it.
+type CacheStatus struct {
+	// Nodes lists the nodes that hold the cache, newest commit first.
+	// +optional
+	// +listType=map
+	// +listMapKey=node
+	Nodes []NodeCacheStatus `json:"nodes,omitempty"`
+
+	// NodeNames is the comma-separated list of Nodes, for display.
+	// +optional
+	NodeNames string `json:"nodeNames,omitempty"`
+
+	// Size is the largest size of the cache on any node, for display.
+	// +optional
+	Size *resource.Quantity `json:"size,omitempty"`
+
+	// LastCommitTime is the newest commit on any node, for display.
+	// +optional
+	LastCommitTime *metav1.Time `json:"lastCommitTime,omitempty"`
+
+	// Conditions describe the cache's state (type Ready).
+	// +optional
+	// +listType=map
+	// +listMapKey=type
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+
+	// ObservedGeneration is the metadata.generation the status reflects.
+	// +optional
+	ObservedGeneration int64 `json:"observedGeneration,omitempty"`
+}
+
+// Cache is a copy-on-write layered build cache, named by the
+// layercache.io/cache label of the pods that use it. Deleting it deletes its
+// data on every node once no volume uses it.
+//
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Namespaced,categories=layercache
+// +kubebuilder:validation:XValidation:rule="self.metadata.name.matches('^[a-z0-9]([-a-z0-9]*[a-z0-9])?$') && size(self.metadata.name) <= 63",message="a cache name must be a DNS-1123 label (at most 63 lower case letters, digits and dashes, starting and ending with a letter or digit)"
+// +kubebuilder:printcolumn:name="Nodes",type=string,JSONPath=`.status.nodeNames`
+// +kubebuilder:printcolumn:name="Size",type=string,JSONPath=`.status.size`
+// +kubebuilder:printcolumn:name="Last Commit",type=date,JSONPath=`.status.lastCommitTime`
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type Cache struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	// +optional
+	Spec CacheSpec `json:"spec,omitempty"`
+	// +optional
+	Status CacheStatus `json:"status,omitempty"`
+}
+
+// CacheList is a list of Caches.
+//
+// +kubebuilder:object:root=true
+type CacheList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []Cache `json:"items"`
+}
+
+func init() {
+	SchemeBuilder.Register(&Cache{}, &CacheList{})
+}

@@ -1,0 +1,103 @@
+// Package testenv starts envtest's real kube-apiserver and etcd for the
+// project's controller and webhook suites, from the binaries that
+// `make envtest-assets` builds (bin/k8s/VERSION): no suite downloads
+// anything.
+package testenv
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/envtest"
+
+	layercachev1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+)
+
+// KubeVersion is the version of the binaries envtest runs.
+const KubeVersion = "v1.33.13"
+
+// Env is a running control plane.
+type Env struct {
+	Config *rest.Config
+	Client client.Client
+	Scheme *runtime.Scheme
+	Root   string // the repository root
+}
+
+// RepoRoot finds the repository root (the directory with go.mod) above the
+// test's working directory.
+func RepoRoot() (string, error) {
+	dir, err := os.Getwd()
+	if err != nil {
+		return "", err
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir, nil
+		}
+		parent := filepath.Dir(dir)
+		if parent == dir {
+			return "", fmt.Errorf("no go.mod above the working directory")
+		}
+		dir = parent
+	}
+}
+
+// AssetsDir returns where etcd and kube-apiserver are: KUBEBUILDER_ASSETS if
+// set, else the repository's bin/k8s/VERSION.
+func AssetsDir(root string) string {
+	if dir := os.Getenv("KUBEBUILDER_ASSETS"); dir != "" {
+		return dir
+	}
+	return filepath.Join(root, "bin", "k8s", KubeVersion)
+}
+
+// Start starts a control plane with the project's CRDs installed and stops
+// it when the test ends. Without the binaries it skips, saying how to get
+// them (make test builds them first).
+func Start(t testing.TB) *Env {
+	t.Helper()
+	root, err := RepoRoot()
+	if err != nil {
+		t.Fatal(err)
+	}
+	assets := AssetsDir(root)
+	for _, bin := range []string{"etcd", "kube-apiserver"} {
+		if _, err := os.Stat(filepath.Join(assets, bin)); err != nil {
+			t.Skipf("skipping: no %s in %s; run `make envtest-assets` (make test does)", bin, assets)
+		}
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		t.Fatal(err)
+	}
+	if err := layercachev1alpha1.AddToScheme(scheme); err != nil {
+		t.Fatal(err)
+	}
+	env := &envtest.Environment{
+		BinaryAssetsDirectory: assets,
+		CRDDirectoryPaths:     []string{filepath.Join(root, "config", "crd", "bases")},
+		ErrorIfCRDPathMissing: true,
+		Scheme:                scheme,
+	}
+	cfg, err := env.Start()
+	if err != nil {
+		t.Fatalf("starting envtest from %s: %v", assets, err)
+	}
+	t.Cleanup(func() {
+		if err := env.Stop(); err != nil {
+			t.Errorf("stopping envtest: %v", err)
+		}
+	})
+	c, err := client.New(cfg, client.Options{Scheme: scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &Env{Config: cfg, Client: c, Scheme: scheme, Root: root}
+}
