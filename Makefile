@@ -68,8 +68,13 @@ lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 	$(STATICCHECK) ./...
 
 .PHONY: test
-test: lint check-generated envtest-assets ## Run every test (as root: the engine mounts real overlays).
+test: lint check-generated envtest-assets test-cluster ## Run every test (as root: overlays, a real cluster).
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./...
+
+.PHONY: test-cluster
+test-cluster: ## The cluster smoke test, as part of make test (root only).
+	@if [ "$$(id -u)" = 0 ]; then $(MAKE) -s cluster-smoke; \
+	else echo "skipping the cluster smoke test: it needs root (it runs a kubelet)"; fi
 
 .PHONY: fuzz
 fuzz: ## Fuzz the name parsers for a while (FUZZTIME=1m).
@@ -112,9 +117,8 @@ cluster-down: ## Stop the cluster and remove everything it made, then check that
 
 .PHONY: cluster-smoke
 cluster-smoke: ## Bring the cluster up, run a Bidirectional overlay pod, tear down, check clean.
-	hack/cluster/up.sh
-	hack/cluster/smoke.sh || { hack/cluster/down.sh; exit 1; }
-	hack/cluster/down.sh
+	@rc=0; { hack/cluster/up.sh && hack/cluster/smoke.sh; } || rc=$$?; \
+	hack/cluster/down.sh || rc=1; exit $$rc
 
 ##@ Tools
 

@@ -14,7 +14,8 @@ stop() { # NAME: SIGTERM, wait up to 20s, then SIGKILL
   rm -f "$STATE/pids/$1.pid"
   kill "$pid" 2>/dev/null || return 0
   for ((i = 0; i < 40; i++)); do
-    kill -0 "$pid" 2>/dev/null || return 0
+    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != "" ] || return 0
+    [ "$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null)" != Z ] || return 0
     sleep 0.5
   done
   kill -9 "$pid" 2>/dev/null
@@ -22,7 +23,7 @@ stop() { # NAME: SIGTERM, wait up to 20s, then SIGKILL
 }
 
 if [ -d "$STATE" ]; then
-  if running kube-apiserver && running kubelet; then
+  if running kube-apiserver && running kubelet && running containerd; then
     log "deleting pods (the kubelet tears down their mounts, netns and cgroups)"
     # Nothing must recreate them meanwhile.
     stop kube-controller-manager

@@ -48,9 +48,10 @@ wait_for() {
   die "timed out after ${secs}s waiting for $what (logs: $STATE/logs)"
 }
 
-running() { # NAME: is the component started by up.sh alive?
-  local pid
+running() { # NAME: is the component started by up.sh alive (not a zombie)?
+  local pid state
   [ -f "$STATE/pids/$1.pid" ] || return 1
   pid=$(cat "$STATE/pids/$1.pid")
-  kill -0 "$pid" 2>/dev/null
+  state=$(awk '{print $3}' "/proc/$pid/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
 }
