@@ -39,8 +39,9 @@ help: ## Show this help.
 ##@ Development
 
 .PHONY: manifests
-manifests: $(CONTROLLER_GEN) ## Generate the CRD manifests into config/crd/bases.
-	$(CONTROLLER_GEN) crd paths="./api/..." output:crd:artifacts:config=config/crd/bases
+manifests: $(CONTROLLER_GEN) ## Generate the CRDs (config/crd/bases) and the manager's ClusterRole (config/rbac/role.yaml).
+	$(CONTROLLER_GEN) rbac:roleName=manager-role crd paths="./api/..." paths="./webhook/..." \
+		output:crd:artifacts:config=config/crd/bases
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) ## Generate the DeepCopy methods of the API types.
@@ -89,8 +90,13 @@ bench: ## Measure volume setup, commit and compaction against cp -a and tar -x (
 ##@ Build
 
 .PHONY: build
-build: ## Build the binaries into bin/.
-	CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/layercache ./cmd/layercache
+build: ## Build the binaries of cmd/ into bin/.
+	@for d in cmd/*/; do n=$$(basename $$d); echo "building bin/$$n"; \
+		CGO_ENABLED=0 $(GO) build -trimpath -o $(BIN)/$$n ./$$d || exit 1; done
+
+.PHONY: run
+run: ## Run the manager against the current kubeconfig, without webhooks (no certificates needed).
+	$(GO) run ./cmd/manager --enable-webhooks=false --health-probe-bind-address=:8081
 
 ##@ Local cluster
 
@@ -99,8 +105,8 @@ k8s-binaries: ## Build etcd and Kubernetes into bin/k8s/VERSION (once; ~9 min co
 	hack/k8s/build.sh $(K8S_BIN)
 
 .PHONY: envtest-assets
-envtest-assets: ## Build etcd and kube-apiserver for envtest (KUBEBUILDER_ASSETS=bin/k8s/VERSION).
-	hack/k8s/build.sh $(K8S_BIN) etcd kube-apiserver
+envtest-assets: ## Build etcd, kube-apiserver (envtest's KUBEBUILDER_ASSETS) and kubectl into bin/k8s/VERSION.
+	hack/k8s/build.sh $(K8S_BIN) etcd kube-apiserver kubectl
 
 .PHONY: images
 images: ## Write the OCI images into bin/images; import them if the cluster runs.

@@ -28,6 +28,9 @@ type Env struct {
 	Client client.Client
 	Scheme *runtime.Scheme
 	Root   string // the repository root
+	// Webhook has the local serving host, port and certificate dir that
+	// the installed webhook configurations point at.
+	Webhook *envtest.WebhookInstallOptions
 }
 
 // RepoRoot finds the repository root (the directory with go.mod) above the
@@ -58,10 +61,18 @@ func AssetsDir(root string) string {
 	return filepath.Join(root, "bin", "k8s", KubeVersion)
 }
 
+// Options select what Start installs besides the CRDs.
+type Options struct {
+	// WebhookPaths are directories (relative to the repository root) of
+	// webhook configurations to install, pointed at a local webhook server
+	// whose host, port and certificates Env.Webhook gives.
+	WebhookPaths []string
+}
+
 // Start starts a control plane with the project's CRDs installed and stops
 // it when the test ends. Without the binaries it skips, saying how to get
 // them (make test builds them first).
-func Start(t testing.TB) *Env {
+func Start(t testing.TB, opts ...Options) *Env {
 	t.Helper()
 	root, err := RepoRoot()
 	if err != nil {
@@ -86,6 +97,11 @@ func Start(t testing.TB) *Env {
 		ErrorIfCRDPathMissing: true,
 		Scheme:                scheme,
 	}
+	for _, o := range opts {
+		for _, p := range o.WebhookPaths {
+			env.WebhookInstallOptions.Paths = append(env.WebhookInstallOptions.Paths, filepath.Join(root, p))
+		}
+	}
 	cfg, err := env.Start()
 	if err != nil {
 		t.Fatalf("starting envtest from %s: %v", assets, err)
@@ -99,5 +115,5 @@ func Start(t testing.TB) *Env {
 	if err != nil {
 		t.Fatal(err)
 	}
-	return &Env{Config: cfg, Client: c, Scheme: scheme, Root: root}
+	return &Env{Config: cfg, Client: c, Scheme: scheme, Root: root, Webhook: &env.WebhookInstallOptions}
 }

@@ -1,0 +1,135 @@
+// Command manager is layercache's API-side process: it serves the pod
+// admission webhook (and, as they land, runs the claim, provisioning and
+// pod-lifecycle reconcilers). It never touches a node.
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	ctrlwebhook "sigs.k8s.io/controller-runtime/pkg/webhook"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/webhook"
+)
+
+// leaderElectionID is fixed so that replicas of any version elect together.
+const leaderElectionID = "manager.layercache.io"
+
+type config struct {
+	metricsAddr, probeAddr string
+	secureMetrics          bool
+	enableHTTP2            bool
+	leaderElect            bool
+	enableWebhooks         bool
+	webhookCertDir         string
+	webhookPort            int
+	storageClass           string
+	defaultSize            string
+}
+
+func (c *config) bind(fs *flag.FlagSet) {
+	fs.StringVar(&c.metricsAddr, "metrics-bind-address", "0", "address of the metrics endpoint (:8443 for HTTPS, :8080 for HTTP, 0 to disable)")
+	fs.BoolVar(&c.secureMetrics, "metrics-secure", true, "serve metrics over HTTPS, authenticated and authorised by the API server")
+	fs.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "address of the health and readiness probes")
+	fs.BoolVar(&c.enableHTTP2, "enable-http2", false, "serve the webhook and metrics over HTTP/2 (off: CVE-2023-44487)")
+	fs.BoolVar(&c.leaderElect, "leader-elect", false, "elect a leader, so that only one replica acts")
+	fs.BoolVar(&c.enableWebhooks, "enable-webhooks", true, "serve the pod admission webhook (off for `make run` without certificates)")
+	fs.StringVar(&c.webhookCertDir, "webhook-cert-dir", "/tmp/k8s-webhook-server/serving-certs", "directory with the webhook's tls.crt and tls.key (reloaded when they change)")
+	fs.IntVar(&c.webhookPort, "webhook-port", 9443, "port of the webhook server")
+	fs.StringVar(&c.storageClass, "storage-class", v1alpha1.DefaultStorageClass, "StorageClass of the cache volumes' claims")
+	fs.StringVar(&c.defaultSize, "default-volume-size", "10Gi", "size of a cache volume's writable layer when the pod does not set layercache.io/size")
+}
+
+func main() {
+	var cfg config
+	cfg.bind(flag.CommandLine)
+	zapOpts := zap.Options{}
+	zapOpts.BindFlags(flag.CommandLine)
+	flag.Parse()
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
+	log := ctrl.Log.WithName("setup")
+
+	restConfig, err := ctrl.GetConfig()
+	if err == nil {
+		err = run(ctrl.SetupSignalHandler(), cfg, restConfig)
+	}
+	if err != nil {
+		log.Error(err, "Manager failed")
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
+	size, err := resource.ParseQuantity(cfg.defaultSize)
+	if err != nil || size.Sign() <= 0 {
+		return fmt.Errorf("--default-volume-size %q: must be a positive quantity such as 10Gi", cfg.defaultSize)
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return err
+	}
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return err
+	}
+	var tlsOpts []func(*tls.Config)
+	if !cfg.enableHTTP2 {
+		tlsOpts = append(tlsOpts, func(c *tls.Config) { c.NextProtos = []string{"http/1.1"} })
+	}
+	metrics := metricsserver.Options{BindAddress: cfg.metricsAddr, SecureServing: cfg.secureMetrics, TLSOpts: tlsOpts}
+	if cfg.secureMetrics {
+		metrics.FilterProvider = filters.WithAuthenticationAndAuthorization
+	}
+	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
+		Scheme:                 scheme,
+		Metrics:                metrics,
+		HealthProbeBindAddress: cfg.probeAddr,
+		LeaderElection:         cfg.leaderElect,
+		LeaderElectionID:       leaderElectionID,
+		WebhookServer: ctrlwebhook.NewServer(ctrlwebhook.Options{
+			Port: cfg.webhookPort, CertDir: cfg.webhookCertDir, TLSOpts: tlsOpts,
+		}),
+	})
+	if err != nil {
+		return fmt.Errorf("creating the manager: %w", err)
+	}
+	if err := setupWebhooks(mgr, cfg, size); err != nil {
+		return err
+	}
+	if err := setupChecks(mgr, cfg); err != nil {
+		return err
+	}
+	ctrl.Log.WithName("setup").Info("Starting the manager", "webhooks", cfg.enableWebhooks, "leaderElection", cfg.leaderElect)
+	return mgr.Start(ctx)
+}
+
+func setupWebhooks(mgr ctrl.Manager, cfg config, size resource.Quantity) error {
+	if !cfg.enableWebhooks {
+		return nil
+	}
+	return webhook.Setup(mgr, webhook.Options{StorageClass: cfg.storageClass, DefaultSize: size})
+}
+
+func setupChecks(mgr ctrl.Manager, cfg config) error {
+	ready := healthz.Ping
+	if cfg.enableWebhooks {
+		ready = mgr.GetWebhookServer().StartedChecker()
+	}
+	return errors.Join(
+		mgr.AddHealthzCheck("healthz", healthz.Ping),
+		mgr.AddReadyzCheck("readyz", ready),
+	)
+}

@@ -1,0 +1,72 @@
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/layercache/layercache/internal/testenv"
+)
+
+// The manager starts against a real API server and reports ready; with
+// webhooks disabled it needs no certificate (make run).
+func TestManagerStartsWithoutWebhooks(t *testing.T) {
+	env := testenv.Start(t)
+	var cfg config
+	fs := flag.NewFlagSet("manager", flag.ContinueOnError)
+	cfg.bind(fs)
+	port := freePort(t)
+	if err := fs.Parse([]string{"--enable-webhooks=false", "--health-probe-bind-address", fmt.Sprintf("127.0.0.1:%d", port)}); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error)
+	go func() { done <- run(ctx, cfg, env.Config) }()
+	defer func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("manager: %v", err)
+		}
+	}()
+	url := fmt.Sprintf("http://127.0.0.1:%d/readyz", port)
+	for deadline := time.Now().Add(20 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		resp, err := http.Get(url)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not ready: %v", err)
+		}
+	}
+}
+
+func TestManagerRejectsBadFlags(t *testing.T) {
+	env := testenv.Start(t)
+	var cfg config
+	fs := flag.NewFlagSet("manager", flag.ContinueOnError)
+	cfg.bind(fs)
+	if err := fs.Parse([]string{"--default-volume-size", "huge"}); err != nil {
+		t.Fatal(err)
+	}
+	err := run(context.Background(), cfg, env.Config)
+	if err == nil || !strings.Contains(err.Error(), "--default-volume-size") {
+		t.Fatalf("err = %v", err)
+	}
+}
+
+func freePort(t *testing.T) int {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}

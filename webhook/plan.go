@@ -1,0 +1,213 @@
+package webhook
+
+import (
+	"fmt"
+	"path"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/util/validation"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+)
+
+// Options are the manager's settings for the webhook.
+type Options struct {
+	// StorageClass of the generated claims.
+	StorageClass string
+	// DefaultSize of a volume's writable layer when the pod does not say.
+	DefaultSize resource.Quantity
+}
+
+// request is one cache a pod asks for.
+type request struct {
+	cache string
+	// replace is the pod volume to replace; empty to add a volume.
+	replace string
+	// mountPath is where an added volume is mounted.
+	mountPath string
+	// volume is the pod volume name the claim ends up under.
+	volume string
+}
+
+// plan is what the labels and annotations of a pod ask for, validated.
+type plan struct {
+	trust    string
+	size     resource.Quantity
+	requests []request
+	warnings []string
+}
+
+// fieldError names the label or annotation at fault and the rule it breaks.
+type fieldError struct {
+	kind, key, value, rule string
+}
+
+func (e *fieldError) Error() string {
+	return fmt.Sprintf("%s %s=%q: %s", e.kind, e.key, e.value, e.rule)
+}
+
+func labelError(key, value, rule string) error { return &fieldError{"label", key, value, rule} }
+func annotationError(key, value, rule string) error {
+	return &fieldError{"annotation", key, value, rule}
+}
+
+const dns1123Rule = "must be a DNS-1123 label: at most 63 lower case letters, digits and '-', starting and ending with a letter or digit"
+
+// makePlan reads and validates everything layercache takes from a pod. It
+// changes nothing: a pod is either fully valid or rejected.
+func makePlan(pod *corev1.Pod, opts Options) (*plan, error) {
+	labels, ann := pod.Labels, pod.Annotations
+	p := &plan{trust: v1alpha1.TrustRead, size: opts.DefaultSize}
+
+	name := labels[v1alpha1.LabelCache]
+	if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
+		return nil, labelError(v1alpha1.LabelCache, name, dns1123Rule)
+	}
+	if t, ok := labels[v1alpha1.LabelTrust]; ok {
+		if t != v1alpha1.TrustRead && t != v1alpha1.TrustWrite {
+			return nil, labelError(v1alpha1.LabelTrust, t, `must be "read" or "write"`)
+		}
+		p.trust = t
+	}
+	if s, ok := ann[v1alpha1.AnnotationSize]; ok {
+		q, err := resource.ParseQuantity(s)
+		if err != nil || q.Sign() <= 0 {
+			return nil, annotationError(v1alpha1.AnnotationSize, s, `must be a positive quantity such as "10Gi"`)
+		}
+		p.size = q
+	}
+	if v, ok := ann[v1alpha1.AnnotationCommitOnFailure]; ok && v != "true" && v != "false" {
+		return nil, annotationError(v1alpha1.AnnotationCommitOnFailure, v, `must be "true" or "false"`)
+	}
+
+	volumes := map[string]bool{}
+	for _, v := range pod.Spec.Volumes {
+		volumes[v.Name] = true
+	}
+	primary := request{cache: name}
+	replace, explicit := ann[v1alpha1.AnnotationVolume]
+	switch {
+	case explicit && !volumes[replace]:
+		return nil, annotationError(v1alpha1.AnnotationVolume, replace, "names no volume of the pod")
+	case explicit:
+		primary.replace = replace
+	case volumes[v1alpha1.DefaultVolumeName]:
+		primary.replace = v1alpha1.DefaultVolumeName
+	}
+	mountPath, hasPath := ann[v1alpha1.AnnotationMountPath]
+	if hasPath {
+		if err := checkMountPath(v1alpha1.AnnotationMountPath, mountPath); err != nil {
+			return nil, err
+		}
+	}
+	if primary.replace != "" {
+		primary.volume = primary.replace
+		if hasPath {
+			p.warnings = append(p.warnings, fmt.Sprintf("annotation %s is ignored: volume %q is replaced and mounted where the pod mounts it",
+				v1alpha1.AnnotationMountPath, primary.replace))
+		}
+	} else {
+		primary.volume = v1alpha1.DefaultVolumeName
+		primary.mountPath = v1alpha1.DefaultMountPath
+		if hasPath {
+			primary.mountPath = mountPath
+		}
+	}
+	p.requests = append(p.requests, primary)
+
+	extra, err := parseCaches(ann[v1alpha1.AnnotationCaches], ann)
+	if err != nil {
+		return nil, err
+	}
+	seen := map[string]bool{name: true}
+	for i, r := range extra {
+		if seen[r.cache] {
+			return nil, annotationError(v1alpha1.AnnotationCaches, ann[v1alpha1.AnnotationCaches], fmt.Sprintf("names cache %q twice", r.cache))
+		}
+		seen[r.cache] = true
+		r.volume = fmt.Sprintf("layercache-%d", i+1)
+		p.requests = append(p.requests, r)
+	}
+
+	// Added volumes must not collide with the pod's volumes or mounts.
+	paths := map[string]string{}
+	for _, r := range p.requests {
+		if r.replace != "" {
+			continue
+		}
+		if volumes[r.volume] {
+			return nil, fmt.Errorf("pod already has a volume named %q: name it in annotation %s to have it replaced, or rename it", r.volume, v1alpha1.AnnotationVolume)
+		}
+		if other, ok := paths[r.mountPath]; ok {
+			return nil, fmt.Errorf("caches %q and %q are both mounted at %s", other, r.cache, r.mountPath)
+		}
+		paths[r.mountPath] = r.cache
+		for _, c := range allContainers(pod) {
+			for _, m := range c.VolumeMounts {
+				if path.Clean(m.MountPath) == r.mountPath {
+					return nil, fmt.Errorf("cache %q would be mounted at %s, where container %q already mounts volume %q (set annotation %s)",
+						r.cache, r.mountPath, c.Name, m.Name, v1alpha1.AnnotationMountPath)
+				}
+			}
+		}
+	}
+
+	if p.trust == v1alpha1.TrustWrite && pod.Spec.RestartPolicy == corev1.RestartPolicyAlways {
+		p.warnings = append(p.warnings, fmt.Sprintf("label %s=write on a pod with restartPolicy Always: the pod never terminates, so its writes will never be committed",
+			v1alpha1.LabelTrust))
+	}
+	return p, nil
+}
+
+func checkMountPath(key, p string) error {
+	switch {
+	case !strings.HasPrefix(p, "/"):
+		return annotationError(key, p, "must be an absolute path")
+	case path.Clean(p) != p:
+		return annotationError(key, p, fmt.Sprintf("must be a clean path (%s)", path.Clean(p)))
+	case p == "/":
+		return annotationError(key, p, "must not be /")
+	case strings.ContainsAny(p, ",=\x00"):
+		return annotationError(key, p, "must not contain ',', '=' or NUL")
+	}
+	return nil
+}
+
+// parseCaches reads "NAME=/path,NAME=/path".
+func parseCaches(s string, ann map[string]string) ([]request, error) {
+	if strings.TrimSpace(s) == "" {
+		if _, ok := ann[v1alpha1.AnnotationCaches]; ok {
+			return nil, annotationError(v1alpha1.AnnotationCaches, s, "must list NAME=/mount/path pairs separated by commas")
+		}
+		return nil, nil
+	}
+	var out []request
+	for _, item := range strings.Split(s, ",") {
+		name, mountPath, ok := strings.Cut(strings.TrimSpace(item), "=")
+		name, mountPath = strings.TrimSpace(name), strings.TrimSpace(mountPath)
+		if !ok || name == "" || mountPath == "" {
+			return nil, annotationError(v1alpha1.AnnotationCaches, s, fmt.Sprintf("entry %q: want NAME=/mount/path", strings.TrimSpace(item)))
+		}
+		if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
+			return nil, annotationError(v1alpha1.AnnotationCaches, s, fmt.Sprintf("cache name %q %s", name, dns1123Rule))
+		}
+		if err := checkMountPath(v1alpha1.AnnotationCaches, mountPath); err != nil {
+			return nil, annotationError(v1alpha1.AnnotationCaches, s, fmt.Sprintf("mount path of %q %s", name, err.(*fieldError).rule))
+		}
+		out = append(out, request{cache: name, mountPath: mountPath})
+	}
+	return out, nil
+}
+
+func allContainers(pod *corev1.Pod) []*corev1.Container {
+	var out []*corev1.Container
+	for i := range pod.Spec.InitContainers {
+		out = append(out, &pod.Spec.InitContainers[i])
+	}
+	for i := range pod.Spec.Containers {
+		out = append(out, &pod.Spec.Containers[i])
+	}
+	return out
+}
