@@ -40,7 +40,7 @@ help: ## Show this help.
 
 .PHONY: manifests
 manifests: $(CONTROLLER_GEN) ## Generate the CRDs (config/crd/bases) and the manager's ClusterRole (config/rbac/role.yaml).
-	$(CONTROLLER_GEN) rbac:roleName=manager-role crd paths="./api/..." paths="./webhook/..." \
+	$(CONTROLLER_GEN) rbac:roleName=manager-role crd paths="./api/..." paths="./webhook/..." paths="./controllers/..." \
 		output:crd:artifacts:config=config/crd/bases
 
 .PHONY: generate

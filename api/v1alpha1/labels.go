@@ -1,5 +1,10 @@
 package v1alpha1
 
+import (
+	"fmt"
+	"hash/fnv"
+)
+
 // Labels and annotations that users put on build pods, and the ones
 // layercache writes. docs/design.md explains each.
 const (
@@ -56,4 +61,48 @@ type Claim struct {
 	// MountPath is where the webhook mounted the volume; empty when it
 	// replaced a volume the pod mounts itself.
 	MountPath string `json:"mountPath,omitempty"`
+}
+
+// Names shared by the manager (which provisions) and the node agent (which
+// mounts and commits): the contract between them, carried by PVs.
+const (
+	// DriverName is the CSI driver and the provisioner of both classes.
+	DriverName = "layercache.io"
+	// HostDirStorageClass is the class of plain node-local directories.
+	HostDirStorageClass = "layercache-hostdir"
+	// ParameterKind, a StorageClass parameter: "cache" (default) or
+	// "hostdir".
+	ParameterKind = "layercache.io/kind"
+	KindCache     = "cache"
+	KindHostDir   = "hostdir"
+
+	// AttrKind, AttrNamespace, AttrCache, AttrWrite and AttrPodUID are the
+	// volume attributes of a PV (spec.csi.volumeAttributes).
+	AttrKind      = "layercache.io/kind"
+	AttrNamespace = "layercache.io/namespace"
+	AttrCache     = "layercache.io/cache"
+	AttrWrite     = "layercache.io/write"
+	AttrPodUID    = "layercache.io/pod-uid"
+
+	// LabelNode on a PV is NodeLabelValue of the node that holds it, so
+	// that a node agent watches only its own PVs.
+	LabelNode = "layercache.io/node"
+
+	// FinalizerNode on a PV holds it until its node agent has committed or
+	// discarded the volume and removed its data.
+	FinalizerNode = "layercache.io/node-cleanup"
+	// FinalizerCachePrefix + NodeLabelValue(node) on a Cache holds it until
+	// that node has deleted the cache's data.
+	FinalizerCachePrefix = "layercache.io/node-"
+)
+
+// NodeLabelValue is name if it is a valid label value (63 characters or
+// fewer), else a stable hash of it.
+func NodeLabelValue(name string) string {
+	if len(name) <= 63 {
+		return name
+	}
+	h := fnv.New64a()
+	h.Write([]byte(name))
+	return fmt.Sprintf("h-%016x", h.Sum64())
 }

@@ -1,6 +1,6 @@
 // Command manager is layercache's API-side process: it serves the pod
-// admission webhook (and, as they land, runs the claim, provisioning and
-// pod-lifecycle reconcilers). It never touches a node.
+// admission webhook and runs the claim, provisioning, pod-lifecycle and
+// cache-summary reconcilers. It never touches a node.
 package main
 
 import (
@@ -23,6 +23,7 @@ import (
 	ctrlwebhook "sigs.k8s.io/controller-runtime/pkg/webhook"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/controllers"
 	"github.com/layercache/layercache/webhook"
 )
 
@@ -99,12 +100,16 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 		HealthProbeBindAddress: cfg.probeAddr,
 		LeaderElection:         cfg.leaderElect,
 		LeaderElectionID:       leaderElectionID,
+		Cache:                  controllers.CacheOptions(),
 		WebhookServer: ctrlwebhook.NewServer(ctrlwebhook.Options{
 			Port: cfg.webhookPort, CertDir: cfg.webhookCertDir, TLSOpts: tlsOpts,
 		}),
 	})
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)
+	}
+	if err := controllers.Setup(mgr); err != nil {
+		return fmt.Errorf("setting up the reconcilers: %w", err)
 	}
 	if err := setupWebhooks(mgr, cfg, size); err != nil {
 		return err

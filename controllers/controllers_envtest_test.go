@@ -1,0 +1,329 @@
+package controllers_test
+
+import (
+	"context"
+	"encoding/json"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/controllers"
+	"github.com/layercache/layercache/internal/testenv"
+)
+
+type suite struct {
+	t   *testing.T
+	ctx context.Context
+	c   client.Client
+	ns  string
+}
+
+func start(t *testing.T) *suite {
+	env := testenv.Start(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
+		Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Cache: controllers.CacheOptions(),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := controllers.Setup(mgr); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error)
+	go func() { done <- mgr.Start(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("manager: %v", err)
+		}
+	})
+	s := &suite{t: t, ctx: ctx, c: env.Client}
+	reclaim := corev1.PersistentVolumeReclaimDelete
+	wait := storagev1.VolumeBindingWaitForFirstConsumer
+	for _, sc := range []*storagev1.StorageClass{
+		{ObjectMeta: metav1.ObjectMeta{Name: "layercache"}, Provisioner: v1alpha1.DriverName, ReclaimPolicy: &reclaim, VolumeBindingMode: &wait},
+		{ObjectMeta: metav1.ObjectMeta{Name: "layercache-hostdir"}, Provisioner: v1alpha1.DriverName, ReclaimPolicy: &reclaim, VolumeBindingMode: &wait,
+			Parameters: map[string]string{v1alpha1.ParameterKind: v1alpha1.KindHostDir}},
+	} {
+		s.create(sc)
+	}
+	s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a", Labels: map[string]string{corev1.LabelHostname: "host-a"}}})
+	s.create(&rbacv1.ClusterRole{ObjectMeta: metav1.ObjectMeta{Name: "committer"}, Rules: []rbacv1.PolicyRule{{
+		APIGroups: []string{"layercache.io"}, Resources: []string{"caches"}, Verbs: []string{"commit"}}}})
+	return s
+}
+
+func (s *suite) create(obj client.Object) {
+	s.t.Helper()
+	if err := s.c.Create(s.ctx, obj); err != nil {
+		s.t.Fatalf("creating %T %s: %v", obj, obj.GetName(), err)
+	}
+}
+
+func (s *suite) namespace(serviceAccounts ...string) string {
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "ctrl-"}}
+	s.create(ns)
+	for _, sa := range append(serviceAccounts, "default") {
+		s.create(&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa, Namespace: ns.Name}})
+	}
+	return ns.Name
+}
+
+func (s *suite) eventually(what string, cond func() bool) {
+	s.t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			s.t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
+// buildPod is a pod as the webhook leaves it.
+func buildPod(ns, name, cache, trust, sa string) *corev1.Pod {
+	claim := v1alpha1.Claim{Cache: cache, ClaimName: name + "-" + cache + "-x1", Volume: "cache", Trust: trust,
+		Size: "1Gi", StorageClass: "layercache", MountPath: "/cache"}
+	data, _ := json.Marshal([]v1alpha1.Claim{claim})
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns,
+			Labels:      map[string]string{v1alpha1.LabelCache: cache, v1alpha1.LabelTrust: trust},
+			Annotations: map[string]string{v1alpha1.AnnotationClaims: string(data)}},
+		Spec: corev1.PodSpec{
+			ServiceAccountName: sa, RestartPolicy: corev1.RestartPolicyNever,
+			Containers: []corev1.Container{{Name: "build", Image: "busybox",
+				VolumeMounts: []corev1.VolumeMount{{Name: "cache", MountPath: "/cache"}}}},
+			Volumes: []corev1.Volume{{Name: "cache", VolumeSource: corev1.VolumeSource{
+				PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: claim.ClaimName}}}},
+		},
+	}
+}
+
+func (s *suite) pvc(ns, name string) *corev1.PersistentVolumeClaim {
+	s.t.Helper()
+	pvc := &corev1.PersistentVolumeClaim{}
+	s.eventually("claim "+name, func() bool { return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: name}, pvc) == nil })
+	return pvc
+}
+
+// schedule does what the scheduler does for a WaitForFirstConsumer claim,
+// and returns the PV the provisioner makes.
+func (s *suite) schedule(pvc *corev1.PersistentVolumeClaim) *corev1.PersistentVolume {
+	s.t.Helper()
+	patch := client.MergeFrom(pvc.DeepCopy())
+	metav1.SetMetaDataAnnotation(&pvc.ObjectMeta, controllers.AnnotationSelectedNode, "node-a")
+	if err := s.c.Patch(s.ctx, pvc, patch); err != nil {
+		s.t.Fatal(err)
+	}
+	pv := &corev1.PersistentVolume{}
+	s.eventually("PV of "+pvc.Name, func() bool { return s.c.Get(s.ctx, client.ObjectKey{Name: controllers.PVName(pvc)}, pv) == nil })
+	return pv
+}
+
+func (s *suite) events(ns, object string) string {
+	list := &corev1.EventList{}
+	if err := s.c.List(s.ctx, list, client.InNamespace(ns),
+		client.MatchingFieldsSelector{Selector: fields.OneTermEqualSelector("involvedObject.name", object)}); err != nil {
+		s.t.Fatal(err)
+	}
+	var out []string
+	for _, e := range list.Items {
+		out = append(out, e.Reason+": "+e.Message)
+	}
+	return strings.Join(out, "\n")
+}
+
+func TestManagerReconcilers(t *testing.T) {
+	s := start(t)
+
+	t.Run("a trusted writer's claim and PV", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace("trusted")
+		s.create(&rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "commit", Namespace: ns},
+			RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "committer"},
+			Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Name: "trusted", Namespace: ns}}})
+		pod := buildPod(ns, "build", "example-project", "write", "trusted")
+		s.create(pod)
+		pvc := s.pvc(ns, "build-example-project-x1")
+		if !metav1.IsControlledBy(pvc, pod) || *pvc.Spec.StorageClassName != "layercache" ||
+			pvc.Spec.AccessModes[0] != corev1.ReadWriteOncePod || !pvc.Spec.Resources.Requests.Storage().Equal(resource.MustParse("1Gi")) ||
+			pvc.Labels[v1alpha1.LabelCache] != "example-project" {
+			t.Fatalf("claim = %+v", pvc)
+		}
+		pv := s.schedule(pvc)
+		attrs := pv.Spec.CSI.VolumeAttributes
+		if attrs[v1alpha1.AttrWrite] != "true" || attrs[v1alpha1.AttrCache] != "example-project" || attrs[v1alpha1.AttrNamespace] != ns ||
+			attrs[v1alpha1.AttrPodUID] != string(pod.UID) || attrs[v1alpha1.AttrKind] != "cache" {
+			t.Errorf("attributes = %v", attrs)
+		}
+		if pv.Spec.ClaimRef.UID != pvc.UID || pv.Spec.NodeAffinity.Required.NodeSelectorTerms[0].MatchExpressions[0].Values[0] != "host-a" ||
+			pv.Labels[v1alpha1.LabelNode] != "node-a" || pv.Finalizers[0] != v1alpha1.FinalizerNode || pv.Spec.CSI.Driver != "layercache.io" {
+			t.Errorf("PV = %+v", pv)
+		}
+
+		// The PV controller binds; then the pod succeeds.
+		patch := client.MergeFrom(pvc.DeepCopy())
+		pvc.Spec.VolumeName = pv.Name
+		if err := s.c.Patch(s.ctx, pvc, patch); err != nil {
+			t.Fatal(err)
+		}
+		finished := metav1.NewTime(time.Now().Add(-time.Second))
+		pod.Status = corev1.PodStatus{Phase: corev1.PodSucceeded, ContainerStatuses: []corev1.ContainerStatus{{Name: "build",
+			State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{ExitCode: 0, FinishedAt: finished}}}}}
+		if err := s.c.Status().Update(s.ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the claim to be deleted", func() bool {
+			return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(pvc), &corev1.PersistentVolumeClaim{}))
+		})
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), pv); err != nil {
+			t.Fatal(err)
+		}
+		if pv.Annotations[v1alpha1.AnnotationPodPhase] != "Succeeded" {
+			t.Errorf("PV annotations = %v", pv.Annotations)
+		}
+	})
+
+	t.Run("a writer without RBAC gets a read-only volume and an event", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace("untrusted")
+		pod := buildPod(ns, "pr", "example-project", "write", "untrusted")
+		s.create(pod)
+		pv := s.schedule(s.pvc(ns, "pr-example-project-x1"))
+		if pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrWrite] != "false" {
+			t.Errorf("attributes = %v", pv.Spec.CSI.VolumeAttributes)
+		}
+		s.eventually("a CommitDenied event", func() bool { return strings.Contains(s.events(ns, "pr"), "CommitDenied: service account untrusted may not commit") })
+	})
+
+	t.Run("a reader gets a read-only volume and no complaint", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace()
+		s.create(buildPod(ns, "reader", "example-project", "read", ""))
+		pv := s.schedule(s.pvc(ns, "reader-example-project-x1"))
+		if pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrWrite] != "false" {
+			t.Errorf("attributes = %v", pv.Spec.CSI.VolumeAttributes)
+		}
+		if ev := s.events(ns, "reader"); strings.Contains(ev, "Denied") {
+			t.Errorf("events = %s", ev)
+		}
+	})
+
+	t.Run("a hand-written claim is provisioned read-only with an event", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace()
+		class := "layercache"
+		pvc := &corev1.PersistentVolumeClaim{
+			ObjectMeta: metav1.ObjectMeta{Name: "sneaky", Namespace: ns,
+				Labels: map[string]string{v1alpha1.LabelCache: "example-project"}, Annotations: map[string]string{v1alpha1.LabelTrust: "write"}},
+			Spec: corev1.PersistentVolumeClaimSpec{StorageClassName: &class, AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOncePod},
+				Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}},
+		}
+		s.create(pvc)
+		pv := s.schedule(pvc)
+		if pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrWrite] != "false" {
+			t.Errorf("attributes = %v", pv.Spec.CSI.VolumeAttributes)
+		}
+		s.eventually("a NotOwnedByBuildPod event", func() bool { return strings.Contains(s.events(ns, "sneaky"), "NotOwnedByBuildPod") })
+	})
+
+	t.Run("an invalid cache name gets an event and no PV", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace()
+		class := "layercache"
+		pvc := &corev1.PersistentVolumeClaim{
+			ObjectMeta: metav1.ObjectMeta{Name: "bad", Namespace: ns, Labels: map[string]string{v1alpha1.LabelCache: "Bad.Name"},
+				Annotations: map[string]string{controllers.AnnotationSelectedNode: "node-a"}},
+			Spec: corev1.PersistentVolumeClaimSpec{StorageClassName: &class, AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOncePod},
+				Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}},
+		}
+		s.create(pvc)
+		s.eventually("an InvalidCacheName event", func() bool { return strings.Contains(s.events(ns, "bad"), "InvalidCacheName") })
+		if err := s.c.Get(s.ctx, client.ObjectKey{Name: controllers.PVName(pvc)}, &corev1.PersistentVolume{}); !apierrors.IsNotFound(err) {
+			t.Errorf("a PV was provisioned for an invalid cache name: %v", err)
+		}
+	})
+
+	t.Run("a host directory claim", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace()
+		class := "layercache-hostdir"
+		pvc := &corev1.PersistentVolumeClaim{
+			ObjectMeta: metav1.ObjectMeta{Name: "scratch", Namespace: ns},
+			Spec: corev1.PersistentVolumeClaimSpec{StorageClassName: &class, AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+				Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("5Gi")}}},
+		}
+		s.create(pvc)
+		pv := s.schedule(pvc)
+		if a := pv.Spec.CSI.VolumeAttributes; a[v1alpha1.AttrKind] != "hostdir" || a[v1alpha1.AttrWrite] != "false" || a[v1alpha1.AttrCache] != "" {
+			t.Errorf("attributes = %v", a)
+		}
+	})
+
+	t.Run("a pod deleted before it ended never commits", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace("trusted")
+		pod := buildPod(ns, "interrupted", "example-project", "write", "trusted")
+		pod.Spec.NodeName = "node-a" // bound to a node: deletion waits for its (absent) kubelet
+		s.create(pod)
+		pvc := s.pvc(ns, "interrupted-example-project-x1")
+		pv := s.schedule(pvc)
+		patch := client.MergeFrom(pvc.DeepCopy())
+		pvc.Spec.VolumeName = pv.Name
+		if err := s.c.Patch(s.ctx, pvc, patch); err != nil {
+			t.Fatal(err)
+		}
+		// It exits 0 on SIGTERM, after its deletion began.
+		if err := s.c.Delete(s.ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pod), pod); err != nil {
+			t.Fatal(err)
+		}
+		pod.Status = corev1.PodStatus{Phase: corev1.PodSucceeded, ContainerStatuses: []corev1.ContainerStatus{{Name: "build",
+			State: corev1.ContainerState{Terminated: &corev1.ContainerStateTerminated{FinishedAt: metav1.Now()}}}}}
+		if err := s.c.Status().Update(s.ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the PV to record the deletion", func() bool {
+			return s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), pv) == nil && pv.Annotations[v1alpha1.AnnotationPodPhase] == controllers.PhaseDeleted
+		})
+		s.eventually("the claim to be deleted", func() bool {
+			return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(pvc), &corev1.PersistentVolumeClaim{}))
+		})
+	})
+
+	t.Run("the Cache summary follows the node entries", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace()
+		c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Name: "summary", Namespace: ns}}
+		s.create(c)
+		older, newer := metav1.NewTime(time.Now().Add(-time.Hour).Truncate(time.Second)), metav1.NewTime(time.Now().Truncate(time.Second))
+		c.Status.Nodes = []v1alpha1.NodeCacheStatus{
+			{Node: "node-a", Generation: 3, Size: resource.MustParse("2Gi"), LastCommitTime: &older},
+			{Node: "node-b", Generation: 1, Size: resource.MustParse("1Gi"), LastCommitTime: &newer},
+		}
+		if err := s.c.Status().Update(s.ctx, c); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the summary", func() bool {
+			return s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c) == nil && c.Status.NodeNames == "node-b,node-a"
+		})
+		ready := meta.FindStatusCondition(c.Status.Conditions, controllers.ConditionReady)
+		if !c.Status.Size.Equal(resource.MustParse("2Gi")) || !c.Status.LastCommitTime.Equal(&newer) || ready == nil || ready.Status != metav1.ConditionTrue {
+			t.Errorf("status = %+v", c.Status)
+		}
+	})
+}

@@ -1,0 +1,30 @@
+package controllers
+
+import (
+	"errors"
+
+	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+)
+
+// CacheOptions restricts the manager's pod cache to build pods: it never
+// holds the cluster's other pods.
+func CacheOptions() cache.Options {
+	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+		&corev1.Pod{}: {Label: LabelledPods()},
+	}}
+}
+
+// Setup registers the manager's reconcilers.
+func Setup(mgr manager.Manager) error {
+	rec := func(name string) *PodReconciler {
+		return &PodReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor(name)}
+	}
+	return errors.Join(
+		rec("layercache-claims").SetupWithManager(mgr),
+		(&Provisioner{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-provisioner")}).SetupWithManager(mgr),
+		(&CacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr),
+	)
+}
