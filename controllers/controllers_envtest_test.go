@@ -28,7 +28,6 @@ type suite struct {
 	t   *testing.T
 	ctx context.Context
 	c   client.Client
-	ns  string
 }
 
 func start(t *testing.T) *suite {
@@ -205,7 +204,9 @@ func TestManagerReconcilers(t *testing.T) {
 		if pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrWrite] != "false" {
 			t.Errorf("attributes = %v", pv.Spec.CSI.VolumeAttributes)
 		}
-		s.eventually("a CommitDenied event", func() bool { return strings.Contains(s.events(ns, "pr"), "CommitDenied: service account untrusted may not commit") })
+		s.eventually("a CommitDenied event", func() bool {
+			return strings.Contains(s.events(ns, "pr"), "CommitDenied: service account untrusted may not commit")
+		})
 	})
 
 	t.Run("a reader gets a read-only volume and no complaint", func(t *testing.T) {

@@ -6,8 +6,6 @@
 // of them touches a node.
 package controllers
 
-import "time"
-
 const (
 	// AnnotationSelectedNode is set on a claim by the scheduler.
 	AnnotationSelectedNode = "volume.kubernetes.io/selected-node"
@@ -20,8 +18,6 @@ const (
 	AnnotationCommitOnFailure = "layercache.io/commit-on-failure"
 	// PhaseDeleted is recorded for a pod deleted before it ended.
 	PhaseDeleted = "Deleted"
-
-	requeueShort = 2 * time.Second
 )
 
 // Event reasons a user sees.
