@@ -115,6 +115,9 @@ func mountOverlayLegacy(lowers []string, upper, work, target string) error {
 
 // mountEntry is one line of /proc/self/mountinfo.
 type mountEntry struct {
+	// Root is the path within its filesystem that is mounted (a bind
+	// mount's source).
+	Root       string
 	MountPoint string
 	FSType     string
 	// Lowers lists lower dirs, top first; Upper is the upper dir (overlay).
@@ -150,7 +153,7 @@ func parseMountInfo(r io.Reader) ([]mountEntry, error) {
 		if len(fields) < 5 || sep < 0 || sep+3 > len(fields) {
 			return nil, fmt.Errorf("malformed mountinfo line %q", sc.Text())
 		}
-		e := mountEntry{MountPoint: unescapeMountInfo(fields[4]), FSType: fields[sep+1]}
+		e := mountEntry{Root: unescapeMountInfo(fields[3]), MountPoint: unescapeMountInfo(fields[4]), FSType: fields[sep+1]}
 		if e.FSType == "overlay" && sep+3 < len(fields) {
 			e.Lowers, e.Upper = parseOverlayOptions(fields[sep+3])
 		}

@@ -27,6 +27,7 @@ const (
 	dirLayers      = "layers"
 	dirGenerations = "generations"
 	fileHead       = "HEAD"
+	fileLastUsed   = "LAST_USED"
 	fileVolume     = "volume.json"
 )
 
@@ -265,6 +266,9 @@ type CacheInfo struct {
 	Generations []int64 `json:"generations"`
 	// Volumes lists the IDs of the volumes created from this cache.
 	Volumes []string `json:"volumes"`
+	// LastUsed is when a volume was last created from the cache, or its
+	// head committed, whichever is later.
+	LastUsed time.Time `json:"lastUsed"`
 }
 
 // Inspect describes one cache.
@@ -282,6 +286,10 @@ func (s *Store) Inspect(k Key) (CacheInfo, error) {
 	}
 	if ok {
 		info.Head = &g
+		info.LastUsed = g.Created
+	}
+	if st, err := os.Stat(filepath.Join(s.cacheDir(k), fileLastUsed)); err == nil && st.ModTime().After(info.LastUsed) {
+		info.LastUsed = st.ModTime().UTC()
 	}
 	if info.Generations, err = s.generationNumbers(k); err != nil {
 		return info, err
@@ -385,4 +393,16 @@ func (s *Store) LayerPath(k Key, id string) (string, error) {
 		return "", err
 	}
 	return s.layerPath(k, id), nil
+}
+
+// touchLastUsed records that cache k was used now (best effort: it only
+// informs eviction).
+func (s *Store) touchLastUsed(k Key) {
+	path := filepath.Join(s.cacheDir(k), fileLastUsed)
+	now := time.Now()
+	if err := os.Chtimes(path, now, now); errors.Is(err, fs.ErrNotExist) {
+		if f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY, 0o600); err == nil {
+			f.Close()
+		}
+	}
 }

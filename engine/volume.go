@@ -94,6 +94,9 @@ func (s *Store) CreateVolume(id string, k Key, opts VolumeOptions) (*Volume, err
 	if err := syncDir(filepath.Join(s.root, dirVolumes)); err != nil {
 		return nil, err
 	}
+	if v.Generation > 0 {
+		s.touchLastUsed(k)
+	}
 	return v, nil
 }
 

@@ -1,0 +1,109 @@
+// Command node-agent is layercache's node side, one per node (DaemonSet,
+// privileged): the CSI node plugin that mounts cache volumes as overlays
+// and host directories as bind mounts, and the reconcilers that commit or
+// discard released volumes, report the node's caches and evict them.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"time"
+
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/runtime"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/rest"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/healthz"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/nodeagent"
+)
+
+type config struct {
+	nodeName, root, kubeletDir string
+	metricsAddr, probeAddr     string
+	compactThreshold           int
+	maintenanceInterval        time.Duration
+	diskBudget                 string
+}
+
+func (c *config) bind(fs *flag.FlagSet) {
+	fs.StringVar(&c.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
+	fs.StringVar(&c.root, "root", engine.DefaultRoot, "the store directory on the node")
+	fs.StringVar(&c.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "the kubelet's root directory (plugin registration and CSI sockets)")
+	fs.StringVar(&c.metricsAddr, "metrics-bind-address", ":8080", "address of the metrics endpoint (0 to disable)")
+	fs.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "address of the health and readiness probes")
+	fs.IntVar(&c.compactThreshold, "compact-threshold", engine.DefaultCompactThreshold, "chain length at which a cache is compacted")
+	fs.DurationVar(&c.maintenanceInterval, "maintenance-interval", 5*time.Minute, "how often GC, orphan removal and the disk budget run")
+	fs.StringVar(&c.diskBudget, "max-disk-usage", "", "evict least recently used caches when the node's caches use more (e.g. 100Gi; empty for no limit)")
+}
+
+func main() {
+	var cfg config
+	cfg.bind(flag.CommandLine)
+	zapOpts := zap.Options{}
+	zapOpts.BindFlags(flag.CommandLine)
+	flag.Parse()
+	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
+	restConfig, err := ctrl.GetConfig()
+	if err == nil {
+		err = run(ctrl.SetupSignalHandler(), cfg, restConfig)
+	}
+	if err != nil {
+		ctrl.Log.WithName("setup").Error(err, "Node agent failed")
+		os.Exit(1)
+	}
+}
+
+func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
+	if cfg.nodeName == "" {
+		return errors.New("--node-name (or $NODE_NAME) is required")
+	}
+	var budget int64
+	if cfg.diskBudget != "" {
+		q, err := resource.ParseQuantity(cfg.diskBudget)
+		if err != nil || q.Sign() <= 0 {
+			return fmt.Errorf("--max-disk-usage %q: must be a positive quantity such as 100Gi", cfg.diskBudget)
+		}
+		budget = q.Value()
+	}
+	store, err := engine.Open(cfg.root, engine.Options{CompactThreshold: cfg.compactThreshold})
+	if err != nil {
+		return err
+	}
+	scheme := runtime.NewScheme()
+	if err := clientgoscheme.AddToScheme(scheme); err != nil {
+		return err
+	}
+	if err := v1alpha1.AddToScheme(scheme); err != nil {
+		return err
+	}
+	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
+		Scheme:                 scheme,
+		Metrics:                metricsserver.Options{BindAddress: cfg.metricsAddr},
+		HealthProbeBindAddress: cfg.probeAddr,
+		LeaderElection:         false, // one agent per node, each acting on its own node
+		Cache:                  nodeagent.CacheOptions(cfg.nodeName),
+	})
+	if err != nil {
+		return fmt.Errorf("creating the manager: %w", err)
+	}
+	if err := nodeagent.Setup(mgr, nodeagent.Options{
+		NodeName: cfg.nodeName, Store: store, KubeletDir: cfg.kubeletDir,
+		MaintenanceInterval: cfg.maintenanceInterval, DiskBudget: budget,
+	}); err != nil {
+		return err
+	}
+	if err := errors.Join(mgr.AddHealthzCheck("healthz", healthz.Ping), mgr.AddReadyzCheck("readyz", healthz.Ping)); err != nil {
+		return err
+	}
+	ctrl.Log.WithName("setup").Info("Starting the node agent", "node", cfg.nodeName, "root", store.Root())
+	return mgr.Start(ctx)
+}

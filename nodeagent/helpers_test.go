@@ -1,0 +1,86 @@
+package nodeagent
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+
+	"github.com/layercache/layercache/engine"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("skipping: needs root (the node agent mounts overlays); CI runs the tests as root")
+	}
+}
+
+// newStore opens a store in a temp dir and unmounts whatever is left below
+// it when the test ends, even if it failed.
+func newStore(t *testing.T) (*engine.Store, string) {
+	t.Helper()
+	requireRoot(t)
+	dir := t.TempDir()
+	t.Cleanup(func() {
+		data, _ := os.ReadFile("/proc/self/mountinfo")
+		lines := strings.Split(string(data), "\n")
+		for i := len(lines) - 1; i >= 0; i-- {
+			if f := strings.Fields(lines[i]); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+				unix.Unmount(f[4], unix.MNT_DETACH)
+			}
+		}
+	})
+	s, err := engine.Open(filepath.Join(dir, "store"), engine.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s, dir
+}
+
+// serveCSI serves d on a unix socket like the kubelet would reach it.
+func serveCSI(t *testing.T, d *Driver, dir string) (csi.IdentityClient, csi.NodeClient) {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	srv := CSIServer(d, filepath.Join(dir, "csi.sock"))
+	done := make(chan error)
+	go func() { done <- srv.Start(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("CSI server: %v", err)
+		}
+	})
+	conn, err := grpc.NewClient("unix://"+srv.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return csi.NewIdentityClient(conn), csi.NewNodeClient(conn)
+}
+
+func mountCapability() *csi.VolumeCapability {
+	return &csi.VolumeCapability{
+		AccessType: &csi.VolumeCapability_Mount{Mount: &csi.VolumeCapability_MountVolume{}},
+		AccessMode: &csi.VolumeCapability_AccessMode{Mode: csi.VolumeCapability_AccessMode_SINGLE_NODE_SINGLE_WRITER},
+	}
+}
+
+func isMounted(t *testing.T, path string) bool {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range strings.Split(string(data), "\n") {
+		if f := strings.Fields(l); len(f) > 4 && f[4] == path {
+			return true
+		}
+	}
+	return false
+}

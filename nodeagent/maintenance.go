@@ -1,0 +1,188 @@
+package nodeagent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
+
+	"github.com/layercache/layercache/engine"
+)
+
+// defaultOrphanGrace protects a volume that is being published right now
+// from the orphan sweep.
+const defaultOrphanGrace = time.Minute
+
+// Maintenance is the node's background work, off every request path:
+// compaction after commits, and periodically GC, removal of volumes whose
+// PV is gone (after a crash or a forced deletion), and eviction of the
+// least recently used caches above the disk budget.
+type Maintenance struct {
+	// APIReader reads PVs directly (the cache holds only live ones).
+	APIReader client.Reader
+	Store     *engine.Store
+	Caches    *CacheReconciler
+	Compact   <-chan engine.Key
+	Interval  time.Duration
+	// DiskBudget, if positive, is the most bytes the node's caches may use.
+	DiskBudget int64
+	// OrphanGrace is how old a volume without a PV must be to be removed
+	// (zero means one minute).
+	OrphanGrace time.Duration
+}
+
+// NeedLeaderElection implements manager.LeaderElectionRunnable.
+func (m *Maintenance) NeedLeaderElection() bool { return false }
+
+// Start implements manager.Runnable.
+func (m *Maintenance) Start(ctx context.Context) error {
+	log := logf.FromContext(ctx).WithName("maintenance")
+	ctx = logf.IntoContext(ctx, log)
+	m.Pass(ctx) // at start: resume after a restart
+	tick := time.NewTicker(m.Interval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return nil
+		case key := <-m.Compact:
+			m.compact(ctx, key)
+		case <-tick.C:
+			m.Pass(ctx)
+		}
+	}
+}
+
+func (m *Maintenance) compact(ctx context.Context, key engine.Key) {
+	res, err := m.Store.CompactIfNeeded(key)
+	if err != nil {
+		logf.FromContext(ctx).Error(err, "Compaction failed", "cache", key.String())
+		return
+	}
+	if res.Compacted {
+		logf.FromContext(ctx).Info("Compacted", "cache", key.String(), "from", res.From, "generation", res.Generation)
+		if err := ensureCacheAndReport(ctx, m.Caches.Client, m.Store, m.Caches.NodeName, key); err != nil {
+			logf.FromContext(ctx).Error(err, "Reporting the cache failed", "cache", key.String())
+		}
+	}
+}
+
+// Pass runs one round of maintenance; errors are logged, not returned:
+// the next round tries again.
+func (m *Maintenance) Pass(ctx context.Context) {
+	log := logf.FromContext(ctx)
+	if err := m.removeOrphans(ctx); err != nil {
+		log.Error(err, "Removing orphaned volumes failed")
+	}
+	keys, err := m.Store.Keys()
+	if err != nil {
+		log.Error(err, "Listing caches failed")
+		return
+	}
+	for _, k := range keys {
+		m.compact(ctx, k)
+	}
+	if res, err := m.Store.GC(); err != nil {
+		log.Error(err, "GC failed")
+	} else if res != (engine.GCResult{}) {
+		log.Info("GC", "layers", res.Layers, "generations", res.Generations, "caches", res.Caches, "temporary", res.Temporary)
+	}
+	if m.DiskBudget > 0 {
+		if err := m.enforceBudget(ctx, keys); err != nil {
+			log.Error(err, "Enforcing the disk budget failed")
+		}
+	}
+}
+
+// removeOrphans discards volumes whose PV no longer exists: their pod's
+// outcome is unknown, so they are never committed.
+func (m *Maintenance) removeOrphans(ctx context.Context) error {
+	vols, err := m.Store.Volumes()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, v := range vols {
+		grace := m.OrphanGrace
+		if grace == 0 {
+			grace = defaultOrphanGrace
+		}
+		if time.Since(v.Created) < grace || !m.pvGone(ctx, v.ID, &errs) {
+			continue
+		}
+		if points, err := m.Store.MountPoints(v.ID); err != nil || len(points) > 0 {
+			continue
+		}
+		logf.FromContext(ctx).Info("Discarding orphaned volume: its PV is gone", "volume", v.ID, "cache", v.Cache.String())
+		errs = append(errs, m.Store.Discard(v.ID))
+	}
+	dirs, err := m.Store.HostDirs()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	for _, id := range dirs {
+		if !m.pvGone(ctx, id, &errs) {
+			continue
+		}
+		if points, err := m.Store.HostDirMountPoints(id); err != nil || len(points) > 0 {
+			continue
+		}
+		logf.FromContext(ctx).Info("Removing orphaned host directory: its PV is gone", "volume", id)
+		errs = append(errs, m.Store.RemoveHostDir(id))
+	}
+	return errors.Join(errs...)
+}
+
+func (m *Maintenance) pvGone(ctx context.Context, name string, errs *[]error) bool {
+	err := m.APIReader.Get(ctx, client.ObjectKey{Name: name}, &corev1.PersistentVolume{})
+	if err != nil && !apierrors.IsNotFound(err) {
+		*errs = append(*errs, err)
+	}
+	return apierrors.IsNotFound(err)
+}
+
+// enforceBudget evicts the least recently used caches that no volume uses
+// until the node's caches fit in the budget.
+func (m *Maintenance) enforceBudget(ctx context.Context, keys []engine.Key) error {
+	type entry struct {
+		key      engine.Key
+		bytes    int64
+		lastUsed time.Time
+		inUse    bool
+	}
+	var entries []entry
+	var total int64
+	for _, k := range keys {
+		info, err := m.Store.Inspect(k)
+		if err != nil {
+			continue
+		}
+		u, err := m.Store.Usage(k)
+		if err != nil {
+			return err
+		}
+		total += u.Bytes
+		entries = append(entries, entry{k, u.Bytes, info.LastUsed, len(info.Volumes) > 0})
+	}
+	slices.SortFunc(entries, func(a, b entry) int { return a.lastUsed.Compare(b.lastUsed) })
+	for _, e := range entries {
+		if total <= m.DiskBudget {
+			return nil
+		}
+		if e.inUse {
+			continue
+		}
+		why := fmt.Sprintf("least recently used while the node's caches exceed the disk budget (%d > %d bytes)", total, m.DiskBudget)
+		if err := m.Caches.EvictKey(ctx, e.key, why); err != nil {
+			return err
+		}
+		total -= e.bytes
+	}
+	return nil
+}

@@ -1,0 +1,35 @@
+package nodeagent
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+	"sigs.k8s.io/controller-runtime/pkg/metrics"
+)
+
+var (
+	volumeSetupSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "layercache_volume_setup_seconds",
+		Help:    "Time to publish a volume (create it and mount it) on this node.",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14),
+	})
+	volumeStarts = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "layercache_volume_starts_total",
+		Help: "Cache volumes published, warm (the cache had content) or cold.",
+	}, []string{"start"})
+	commitSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
+		Name:    "layercache_commit_seconds",
+		Help:    "Time to commit a volume's writes as the cache's next generation.",
+		Buckets: prometheus.ExponentialBuckets(0.001, 2, 14),
+	})
+	commits = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "layercache_commits_total",
+		Help: "Released cache volumes by result: committed, denied (not allowed to write), discarded (pod did not succeed, or nothing written), failed.",
+	}, []string{"result"})
+	cacheBytes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "layercache_cache_bytes",
+		Help: "Disk space a cache uses on this node.",
+	}, []string{"namespace", "cache"})
+)
+
+func init() {
+	metrics.Registry.MustRegister(volumeSetupSeconds, volumeStarts, commitSeconds, commits, cacheBytes)
+}

@@ -1,0 +1,376 @@
+package nodeagent
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/testenv"
+)
+
+type nodeSuite struct {
+	t      *testing.T
+	ctx    context.Context
+	c      client.Client
+	store  *engine.Store
+	dir    string
+	driver *Driver
+	maint  *Maintenance
+}
+
+func startNode(t *testing.T) *nodeSuite {
+	if os.Getenv("LAYERCACHE_TEST_LOG") != "" { // the reconcilers' logs, for debugging
+		ctrl.SetLogger(zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(true)))
+	}
+	store, dir := newStore(t)
+	env := testenv.Start(t)
+	ctx, cancel := context.WithCancel(context.Background())
+	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
+		Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Cache: CacheOptions("node-a"),
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := Setup(mgr, Options{NodeName: "node-a", Store: store, MaintenanceInterval: time.Hour}); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error)
+	go func() { done <- mgr.Start(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("manager: %v", err)
+		}
+	})
+	caches := &CacheReconciler{Client: env.Client, Store: store, NodeName: "node-a", Recorder: mgr.GetEventRecorderFor("test")}
+	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"},
+		maint: &Maintenance{APIReader: env.Client, Store: store, Caches: caches, Interval: time.Hour, OrphanGrace: time.Nanosecond}}
+}
+
+func (s *nodeSuite) namespace() string {
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "node-"}}
+	if err := s.c.Create(s.ctx, ns); err != nil {
+		s.t.Fatal(err)
+	}
+	return ns.Name
+}
+
+// pv creates a PV as the provisioner does.
+func (s *nodeSuite) pv(name string, attrs map[string]string) *corev1.PersistentVolume {
+	s.t.Helper()
+	pv := &corev1.PersistentVolume{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{v1alpha1.LabelNode: "node-a"},
+			Finalizers: []string{v1alpha1.FinalizerNode}},
+		Spec: corev1.PersistentVolumeSpec{
+			Capacity:    corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")},
+			AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOncePod},
+			PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{
+				Driver: v1alpha1.DriverName, VolumeHandle: name, VolumeAttributes: attrs}},
+		},
+	}
+	if err := s.c.Create(s.ctx, pv); err != nil {
+		s.t.Fatal(err)
+	}
+	return pv
+}
+
+// build publishes the volume as the kubelet would, writes files, and
+// unpublishes it unless keep is set.
+func (s *nodeSuite) build(pv *corev1.PersistentVolume, files map[string]string, keep bool) string {
+	s.t.Helper()
+	target := filepath.Join(s.dir, "pods", pv.Name)
+	ctx := map[string]string{podUIDKey: pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrPodUID], podNamespaceKey: "ci", podNameKey: "build-" + pv.Name}
+	for k, v := range pv.Spec.CSI.VolumeAttributes {
+		ctx[k] = v
+	}
+	if _, err := s.driver.NodePublishVolume(s.ctx, &csi.NodePublishVolumeRequest{VolumeId: pv.Name, TargetPath: target,
+		VolumeCapability: mountCapability(), VolumeContext: ctx}); err != nil {
+		s.t.Fatal(err)
+	}
+	for name, content := range files {
+		if err := os.WriteFile(filepath.Join(target, name), []byte(content), 0o644); err != nil {
+			s.t.Fatal(err)
+		}
+	}
+	if !keep {
+		s.unpublish(pv, target)
+	}
+	return target
+}
+
+func (s *nodeSuite) unpublish(pv *corev1.PersistentVolume, target string) {
+	if _, err := s.driver.NodeUnpublishVolume(s.ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: pv.Name, TargetPath: target}); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+// release does what the manager and the PV controller do when the pod ends.
+func (s *nodeSuite) release(pv *corev1.PersistentVolume, phase string, commitOnFailure bool) {
+	s.t.Helper()
+	patch := client.MergeFrom(pv.DeepCopy())
+	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationPodPhase, phase)
+	if commitOnFailure {
+		metav1.SetMetaDataAnnotation(&pv.ObjectMeta, annotationCommitOnFailure, "true")
+	}
+	if err := s.c.Patch(s.ctx, pv, patch); err != nil {
+		s.t.Fatal(err)
+	}
+	pv.Status.Phase = corev1.VolumeReleased
+	if err := s.c.Status().Update(s.ctx, pv); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+func (s *nodeSuite) eventually(what string, cond func() bool) {
+	s.t.Helper()
+	for deadline := time.Now().Add(20 * time.Second); !cond(); time.Sleep(100 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			s.t.Fatalf("timed out waiting for %s", what)
+		}
+	}
+}
+
+// pvGone waits until the agent has finished with the PV: its finalizer
+// removed and the PV deleted. (envtest runs no controller-manager, so the
+// API server's kubernetes.io/pv-protection finalizer stays; on a cluster
+// the controller-manager removes it from a released PV at once.)
+func (s *nodeSuite) pvGone(pv *corev1.PersistentVolume) {
+	s.t.Helper()
+	s.eventually("PV "+pv.Name+" to be finished and deleted", func() bool {
+		got := &corev1.PersistentVolume{}
+		err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), got)
+		return apierrors.IsNotFound(err) || (err == nil && got.DeletionTimestamp != nil &&
+			!slices.Contains(got.Finalizers, v1alpha1.FinalizerNode))
+	})
+}
+
+// content mounts a fresh read volume of the cache and returns its files.
+func (s *nodeSuite) content(key engine.Key) map[string]string {
+	s.t.Helper()
+	id := "view-" + strings.ReplaceAll(time.Now().Format("150405.000000"), ".", "")
+	if _, err := s.store.CreateVolume(id, key, engine.VolumeOptions{}); err != nil {
+		s.t.Fatal(err)
+	}
+	mnt := filepath.Join(s.dir, id)
+	if err := s.store.Mount(id, mnt); err != nil {
+		s.t.Fatal(err)
+	}
+	out := map[string]string{}
+	entries, _ := os.ReadDir(mnt)
+	for _, e := range entries {
+		b, _ := os.ReadFile(filepath.Join(mnt, e.Name()))
+		out[e.Name()] = string(b)
+	}
+	s.store.Unmount(id)
+	s.store.Discard(id)
+	return out
+}
+
+func (s *nodeSuite) events(ns, name string) string {
+	list := &corev1.EventList{}
+	s.c.List(s.ctx, list, client.InNamespace(ns), client.MatchingFieldsSelector{Selector: fields.OneTermEqualSelector("involvedObject.name", name)})
+	var out []string
+	for _, e := range list.Items {
+		out = append(out, e.Reason+": "+e.Message)
+	}
+	return strings.Join(out, "\n")
+}
+
+func attrs(ns, cache string, write bool) map[string]string {
+	w := "false"
+	if write {
+		w = "true"
+	}
+	return map[string]string{v1alpha1.AttrKind: "cache", v1alpha1.AttrNamespace: ns, v1alpha1.AttrCache: cache, v1alpha1.AttrWrite: w}
+}
+
+func TestNodeAgentLifecycle(t *testing.T) {
+	s := startNode(t)
+	ns := s.namespace()
+	key := engine.Key{Namespace: ns, Name: "example-project"}
+	cache := &v1alpha1.Cache{}
+	getCache := func() error { return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: "example-project"}, cache) }
+
+	t.Run("a succeeded writer is committed and the Cache reports the node", func(t *testing.T) {
+		s.t = t
+		pv := s.pv("pvc-1", attrs(ns, "example-project", true))
+		target := s.build(pv, map[string]string{"a": "1"}, true)
+		s.release(pv, "Succeeded", false)
+		// Not while the kubelet still has it mounted.
+		time.Sleep(1500 * time.Millisecond)
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), &corev1.PersistentVolume{}); err != nil {
+			t.Fatalf("PV finished while still published: %v", err)
+		}
+		s.unpublish(pv, target)
+		s.pvGone(pv)
+		if got := s.content(key); got["a"] != "1" {
+			t.Fatalf("cache content = %v", got)
+		}
+		s.eventually("the Cache status", func() bool { return getCache() == nil && len(cache.Status.Nodes) == 1 })
+		n := cache.Status.Nodes[0]
+		if n.Node != "node-a" || n.Generation != 1 || n.LastCommitPod != "ci/build-pvc-1" || n.Size.IsZero() || n.LastCommitTime == nil {
+			t.Errorf("node entry = %+v", n)
+		}
+		if cache.Finalizers[0] != "layercache.io/node-node-a" {
+			t.Errorf("finalizers = %v", cache.Finalizers)
+		}
+		s.eventually("a Committed event", func() bool {
+			return strings.Contains(s.events(ns, "example-project"), "Committed: Node node-a: generation 1")
+		})
+	})
+
+	t.Run("failed, read-only and denied writes are discarded", func(t *testing.T) {
+		s.t = t
+		failed := s.pv("pvc-2", attrs(ns, "example-project", true))
+		s.build(failed, map[string]string{"failed": "x"}, false)
+		s.release(failed, "Failed", false)
+		reader := s.pv("pvc-3", attrs(ns, "example-project", false))
+		s.build(reader, map[string]string{"reader": "x"}, false)
+		s.release(reader, "Succeeded", false)
+		deleted := s.pv("pvc-4", attrs(ns, "example-project", true))
+		s.build(deleted, map[string]string{"interrupted": "x"}, false)
+		s.release(deleted, "Deleted", false)
+		s.pvGone(failed)
+		s.pvGone(reader)
+		s.pvGone(deleted)
+		if got := s.content(key); len(got) != 1 || got["a"] != "1" {
+			t.Fatalf("cache content = %v, want only the first commit", got)
+		}
+		if vols, _ := s.store.Volumes(); len(vols) != 0 {
+			t.Errorf("%d volume(s) left on disk", len(vols))
+		}
+	})
+
+	t.Run("commit-on-failure commits a failed pod", func(t *testing.T) {
+		s.t = t
+		pv := s.pv("pvc-5", attrs(ns, "example-project", true))
+		s.build(pv, map[string]string{"partial": "p"}, false)
+		s.release(pv, "Failed", true)
+		s.pvGone(pv)
+		if got := s.content(key); got["partial"] != "p" || got["a"] != "1" {
+			t.Fatalf("cache content = %v", got)
+		}
+	})
+
+	t.Run("a read-only Cache takes no commit", func(t *testing.T) {
+		s.t = t
+		if err := getCache(); err != nil {
+			t.Fatal(err)
+		}
+		cache.Spec.ReadOnly = true
+		if err := s.c.Update(s.ctx, cache); err != nil {
+			t.Fatal(err)
+		}
+		pv := s.pv("pvc-6", attrs(ns, "example-project", true))
+		s.build(pv, map[string]string{"frozen": "x"}, false)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		if _, ok := s.content(key)["frozen"]; ok {
+			t.Fatal("a read-only cache was committed to")
+		}
+		s.eventually("a CommitDenied event", func() bool { return strings.Contains(s.events(ns, "example-project"), "CommitDenied") })
+		if err := getCache(); err != nil {
+			t.Fatal(err)
+		}
+		cache.Spec.ReadOnly = false
+		if err := s.c.Update(s.ctx, cache); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	t.Run("after a restart a finished commit is not committed again", func(t *testing.T) {
+		s.t = t
+		pv := s.pv("pvc-7", attrs(ns, "example-project", true))
+		s.build(pv, map[string]string{"once": "1"}, false)
+		// The agent committed, then died before deleting the PV.
+		res, err := s.store.Commit(pv.Name)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		info, _ := s.store.Inspect(key)
+		if info.Head.Number != res.Generation {
+			t.Fatalf("head = generation %d, want %d (committed once)", info.Head.Number, res.Generation)
+		}
+	})
+
+	t.Run("a volume whose PV is gone is discarded, never committed", func(t *testing.T) {
+		s.t = t
+		if _, err := s.store.CreateVolume("pvc-gone", key, engine.VolumeOptions{Writable: true}); err != nil {
+			t.Fatal(err)
+		}
+		s.maint.Pass(s.ctx)
+		if _, err := s.store.Volume("pvc-gone"); err == nil {
+			t.Fatal("an orphaned volume survived the sweep")
+		}
+	})
+
+	t.Run("deleting the Cache deletes its data on the node", func(t *testing.T) {
+		s.t = t
+		if err := getCache(); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.c.Delete(s.ctx, cache); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the Cache to be gone", func() bool { return apierrors.IsNotFound(getCache()) })
+		if _, err := s.store.Inspect(key); err == nil {
+			t.Fatal("the cache's data is still on the node")
+		}
+	})
+
+	t.Run("an idle cache is evicted after its ttl", func(t *testing.T) {
+		s.t = t
+		ttlKey := engine.Key{Namespace: ns, Name: "short-lived"}
+		pv := s.pv("pvc-8", attrs(ns, "short-lived", true))
+		s.build(pv, map[string]string{"x": "1"}, false)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		c := &v1alpha1.Cache{}
+		s.eventually("the Cache", func() bool { return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: "short-lived"}, c) == nil })
+		c.Spec.TTL = &metav1.Duration{Duration: time.Second}
+		if err := s.c.Update(s.ctx, c); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the eviction", func() bool {
+			_, err := s.store.Inspect(ttlKey)
+			return err != nil
+		})
+		s.eventually("the node to leave the Cache", func() bool {
+			err := s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c)
+			return err == nil && len(c.Status.Nodes) == 0 && len(c.Finalizers) == 0
+		})
+		if ev := s.events(ns, "short-lived"); !strings.Contains(ev, "CacheEvicted") {
+			t.Errorf("events = %s", ev)
+		}
+	})
+
+	t.Run("a host directory is removed with its PV", func(t *testing.T) {
+		s.t = t
+		pv := s.pv("pvc-h", map[string]string{v1alpha1.AttrKind: "hostdir"})
+		s.build(pv, map[string]string{"scratch": "x"}, false)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		if dirs, _ := s.store.HostDirs(); len(dirs) != 0 {
+			t.Errorf("host dirs left: %v", dirs)
+		}
+	})
+}

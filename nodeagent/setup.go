@@ -1,0 +1,61 @@
+package nodeagent
+
+import (
+	"errors"
+	"fmt"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/labels"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/engine"
+)
+
+// Options configure the node agent.
+type Options struct {
+	NodeName string
+	Store    *engine.Store
+	// KubeletDir is the kubelet's root directory; empty serves no CSI
+	// sockets (tests drive the Driver directly).
+	KubeletDir string
+	// MaintenanceInterval is how often GC and the sweeps run.
+	MaintenanceInterval time.Duration
+	// DiskBudget, if positive, caps the bytes the node's caches use.
+	DiskBudget int64
+}
+
+// CacheOptions restricts a node agent's cache to the PVs of its own node.
+func CacheOptions(node string) cache.Options {
+	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+		&corev1.PersistentVolume{}: {Label: labels.SelectorFromSet(labels.Set{v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)})},
+	}}
+}
+
+// Setup registers the node agent's servers, reconcilers and maintenance.
+func Setup(mgr manager.Manager, opts Options) error {
+	if opts.NodeName == "" {
+		return fmt.Errorf("the node name is required")
+	}
+	if opts.MaintenanceInterval <= 0 {
+		opts.MaintenanceInterval = 5 * time.Minute
+	}
+	compact := make(chan engine.Key, 64)
+	recorder := mgr.GetEventRecorderFor("layercache-node-" + v1alpha1.NodeLabelValue(opts.NodeName))
+	caches := &CacheReconciler{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder}
+	errs := []error{
+		(&VolumeReconciler{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Compact: compact}).SetupWithManager(mgr),
+		caches.SetupWithManager(mgr),
+		mgr.Add(&Maintenance{APIReader: mgr.GetAPIReader(), Store: opts.Store, Caches: caches, Compact: compact,
+			Interval: opts.MaintenanceInterval, DiskBudget: opts.DiskBudget}),
+	}
+	if opts.KubeletDir != "" {
+		csiSocket, regSocket := Sockets(opts.KubeletDir)
+		d := &Driver{Store: opts.Store, NodeName: opts.NodeName}
+		errs = append(errs, mgr.Add(CSIServer(d, csiSocket)), mgr.Add(RegistrationServer(csiSocket, regSocket)))
+	}
+	return errors.Join(errs...)
+}
