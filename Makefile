@@ -39,9 +39,10 @@ help: ## Show this help.
 ##@ Development
 
 .PHONY: manifests
-manifests: $(CONTROLLER_GEN) ## Generate the CRDs (config/crd/bases) and the manager's ClusterRole (config/rbac/role.yaml).
-	$(CONTROLLER_GEN) rbac:roleName=manager-role crd paths="./api/..." paths="./webhook/..." paths="./controllers/..." \
+manifests: $(CONTROLLER_GEN) ## Generate the CRDs and the ClusterRoles of the manager and the node agent.
+	$(CONTROLLER_GEN) rbac:roleName=layercache-manager-role crd paths="./api/..." paths="./webhook/..." paths="./controllers/..." \
 		output:crd:artifacts:config=config/crd/bases
+	$(CONTROLLER_GEN) rbac:roleName=layercache-node-agent-role paths="./nodeagent/..." output:rbac:artifacts:config=config/node-agent
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) ## Generate the DeepCopy methods of the API types.

@@ -2,6 +2,7 @@ package nodeagent
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"path/filepath"
 	"slices"
@@ -10,6 +11,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -360,6 +362,46 @@ func TestNodeAgentLifecycle(t *testing.T) {
 		})
 		if ev := s.events(ns, "short-lived"); !strings.Contains(ev, "CacheEvicted") {
 			t.Errorf("events = %s", ev)
+		}
+	})
+
+	t.Run("above the disk budget the least recently used idle cache goes", func(t *testing.T) {
+		s.t = t
+		for i, name := range []string{"old-cache", "new-cache"} {
+			pv := s.pv(fmt.Sprintf("pvc-b%d", i), attrs(ns, name, true))
+			s.build(pv, map[string]string{"blob": strings.Repeat("x", 256<<10)}, false)
+			s.release(pv, "Succeeded", false)
+			s.pvGone(pv)
+			time.Sleep(20 * time.Millisecond)
+		}
+		newKey := engine.Key{Namespace: ns, Name: "new-cache"}
+		u, err := s.store.Usage(newKey)
+		if err != nil {
+			t.Fatal(err)
+		}
+		s.maint.DiskBudget = u.Bytes + 64<<10 // room for one of them
+		s.maint.Pass(s.ctx)
+		if _, err := s.store.Inspect(engine.Key{Namespace: ns, Name: "old-cache"}); err == nil {
+			t.Error("the least recently used cache survived")
+		}
+		if _, err := s.store.Inspect(newKey); err != nil {
+			t.Errorf("the newest cache was evicted: %v", err)
+		}
+		s.eventually("an eviction event", func() bool { return strings.Contains(s.events(ns, "old-cache"), "least recently used") })
+	})
+
+	t.Run("metrics count what happened", func(t *testing.T) {
+		s.t = t
+		for result, min := range map[string]float64{"committed": 3, "discarded": 2, "denied": 2} {
+			if got := testutil.ToFloat64(commits.WithLabelValues(result)); got < min {
+				t.Errorf("commits{result=%q} = %v, want at least %v", result, got, min)
+			}
+		}
+		if got := testutil.ToFloat64(volumeStarts.WithLabelValues("warm")); got < 1 {
+			t.Errorf("warm starts = %v", got)
+		}
+		if n := testutil.CollectAndCount(volumeSetupSeconds); n != 1 {
+			t.Errorf("setup histogram series = %d", n)
 		}
 	})
 

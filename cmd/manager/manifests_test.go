@@ -67,7 +67,7 @@ func TestDefaultManifestsAreValid(t *testing.T) {
 			kinds[k]++
 		}
 	}
-	for _, k := range []string{"Deployment", "MutatingWebhookConfiguration", "ClusterRole", "Service", "CustomResourceDefinition"} {
+	for _, k := range []string{"Deployment", "DaemonSet", "CSIDriver", "StorageClass", "MutatingWebhookConfiguration", "ClusterRole", "Service", "CustomResourceDefinition"} {
 		if kinds[k] == 0 {
 			t.Errorf("config/default renders no %s", k)
 		}

@@ -16,7 +16,7 @@ for p in /proc/[0-9]*; do
   esac
 done
 while read -r m; do left+=("mount $m"); done < <(awk '{print $5}' /proc/self/mountinfo |
-  grep -E "^($STATE|$KUBELET_ROOT|/run/netns|/run/containerd)(/|$)")
+  grep -E "^($STATE|$KUBELET_ROOT|/var/lib/layercache|/run/netns|/run/containerd)(/|$)")
 ls /run/netns/cni-* >/dev/null 2>&1 && left+=("network namespaces: $(ls /run/netns)")
 ip link show "$BRIDGE" >/dev/null 2>&1 && left+=("link $BRIDGE")
 while read -r l; do [ -n "$l" ] && left+=("link $l"); done < <(ip -o link show type veth 2>/dev/null | awk -F': ' '{print $2}')

@@ -34,7 +34,7 @@ if [ -d "$STATE" ]; then
       xargs -r -I{} "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" -n {} delete pods --all \
         --grace-period=2 --wait=false >/dev/null 2>&1
     for ((i = 0; i < 60; i++)); do
-      [ -z "$(kubectl_ get pods -A -o name 2>/dev/null | grep -v layercache-system)" ] && break
+      [ -z "$(kubectl_ get pods -A --no-headers -o custom-columns=NS:.metadata.namespace 2>/dev/null | grep -vx layercache-system)" ] && break
       sleep 1
     done
     kubectl_ delete pods --all -A --grace-period=2 --timeout=60s >/dev/null 2>&1
@@ -71,7 +71,7 @@ done
 # Mounts, deepest first: pod volumes, container rootfs, netns pins, and
 # finally the propagation bind mounts.
 awk '{print $5}' /proc/self/mountinfo |
-  grep -E "^($STATE|$KUBELET_ROOT|/run/netns|/run/containerd)(/|$)" | sort -r | uniq |
+  grep -E "^($STATE|$KUBELET_ROOT|/var/lib/layercache|/run/netns|/run/containerd)(/|$)" | sort -r | uniq |
   while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null; done
 rm -f /run/netns/cni-* 2>/dev/null
 

@@ -37,7 +37,7 @@ mkdir -p "$STATE"/{logs,pids,etcd,kubelet,containerd,cni/net.d,cni/ipam,hostpath
 # Host paths that the kubelet, containerd and CNI plugins hard-code:
 # remember the ones we create, so that cluster-down removes exactly those.
 if [ ! -f "$STATE/host-paths" ]; then
-  for p in "$KUBELET_ROOT" /var/log/containers /var/log/pods /var/lib/cni /run/netns /run/containerd /opt/containerd /etc/cni; do
+  for p in "$KUBELET_ROOT" /var/lib/layercache /var/log/containers /var/log/pods /var/lib/cni /run/netns /run/containerd /opt/containerd /etc/cni; do
     [ -e "$p" ] || echo "$p" >> "$STATE/host-paths"
   done
   touch "$STATE/host-paths"
