@@ -127,6 +127,34 @@ cluster-smoke: ## Bring the cluster up, run a Bidirectional overlay pod, tear do
 	@rc=0; { hack/cluster/up.sh && hack/cluster/smoke.sh; } || rc=$$?; \
 	hack/cluster/down.sh || rc=1; exit $$rc
 
+##@ Deployment
+
+KUBECTL ?= $(K8S_BIN)/kubectl
+
+.PHONY: deploy
+deploy: ## Install layercache (config/default, cert-manager required) with the current kubeconfig.
+	hack/k8s/build.sh $(K8S_BIN) kubectl
+	$(KUBECTL) apply -k config/default
+
+.PHONY: undeploy
+undeploy: ## Remove what deploy installed.
+	$(KUBECTL) delete -k config/default --ignore-not-found
+
+.PHONY: deploy-local
+deploy-local: ## Install layercache without cert-manager (config/local) on the running local cluster.
+	hack/deploy-local.sh
+
+.PHONY: undeploy-local
+undeploy-local: ## Remove what deploy-local installed.
+	$(KUBECTL) --kubeconfig /var/lib/layercache-cluster/admin.kubeconfig delete -k config/local --ignore-not-found
+
+.PHONY: build-installer
+build-installer: ## Render config/default into dist/install.yaml (one file to apply).
+	hack/k8s/build.sh $(K8S_BIN) kubectl
+	@mkdir -p dist
+	$(KUBECTL) kustomize config/default > dist/install.yaml
+	@echo "wrote dist/install.yaml"
+
 ##@ Tools
 
 $(STATICCHECK):

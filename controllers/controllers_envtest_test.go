@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -312,11 +313,18 @@ func TestManagerReconcilers(t *testing.T) {
 		c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Name: "summary", Namespace: ns}}
 		s.create(c)
 		older, newer := metav1.NewTime(time.Now().Add(-time.Hour).Truncate(time.Second)), metav1.NewTime(time.Now().Truncate(time.Second))
-		c.Status.Nodes = []v1alpha1.NodeCacheStatus{
-			{Node: "node-a", Generation: 3, Size: resource.MustParse("2Gi"), LastCommitTime: &older},
-			{Node: "node-b", Generation: 1, Size: resource.MustParse("1Gi"), LastCommitTime: &newer},
-		}
-		if err := s.c.Status().Update(s.ctx, c); err != nil {
+		// The reconciler writes the status too (Ready: NoData): retry on conflict.
+		err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+			if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c); err != nil {
+				return err
+			}
+			c.Status.Nodes = []v1alpha1.NodeCacheStatus{
+				{Node: "node-a", Generation: 3, Size: resource.MustParse("2Gi"), LastCommitTime: &older},
+				{Node: "node-b", Generation: 1, Size: resource.MustParse("1Gi"), LastCommitTime: &newer},
+			}
+			return s.c.Status().Update(s.ctx, c)
+		})
+		if err != nil {
 			t.Fatal(err)
 		}
 		s.eventually("the summary", func() bool {

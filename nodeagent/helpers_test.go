@@ -2,10 +2,12 @@ package nodeagent
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -57,6 +59,16 @@ func serveCSI(t *testing.T, d *Driver, dir string) (csi.IdentityClient, csi.Node
 			t.Errorf("CSI server: %v", err)
 		}
 	})
+	// The server listens in its goroutine: wait for the socket.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if c, err := net.Dial("unix", srv.Socket); err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("the CSI server does not listen on %s", srv.Socket)
+		}
+	}
 	conn, err := grpc.NewClient("unix://"+srv.Socket, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		t.Fatal(err)

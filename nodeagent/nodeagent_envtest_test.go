@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
@@ -136,6 +137,23 @@ func (s *nodeSuite) release(pv *corev1.PersistentVolume, phase string, commitOnF
 	}
 	pv.Status.Phase = corev1.VolumeReleased
 	if err := s.c.Status().Update(s.ctx, pv); err != nil {
+		s.t.Fatal(err)
+	}
+}
+
+// updateCache changes a Cache's spec; the agent writes its status at any
+// time, so a conflict is retried on a fresh copy.
+func (s *nodeSuite) updateCache(ns, name string, change func(*v1alpha1.Cache)) {
+	s.t.Helper()
+	err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
+		c := &v1alpha1.Cache{}
+		if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: name}, c); err != nil {
+			return err
+		}
+		change(c)
+		return s.c.Update(s.ctx, c)
+	})
+	if err != nil {
 		s.t.Fatal(err)
 	}
 }
@@ -273,13 +291,7 @@ func TestNodeAgentLifecycle(t *testing.T) {
 
 	t.Run("a read-only Cache takes no commit", func(t *testing.T) {
 		s.t = t
-		if err := getCache(); err != nil {
-			t.Fatal(err)
-		}
-		cache.Spec.ReadOnly = true
-		if err := s.c.Update(s.ctx, cache); err != nil {
-			t.Fatal(err)
-		}
+		s.updateCache(ns, "example-project", func(c *v1alpha1.Cache) { c.Spec.ReadOnly = true })
 		pv := s.pv("pvc-6", attrs(ns, "example-project", true))
 		s.build(pv, map[string]string{"frozen": "x"}, false)
 		s.release(pv, "Succeeded", false)
@@ -288,13 +300,7 @@ func TestNodeAgentLifecycle(t *testing.T) {
 			t.Fatal("a read-only cache was committed to")
 		}
 		s.eventually("a CommitDenied event", func() bool { return strings.Contains(s.events(ns, "example-project"), "CommitDenied") })
-		if err := getCache(); err != nil {
-			t.Fatal(err)
-		}
-		cache.Spec.ReadOnly = false
-		if err := s.c.Update(s.ctx, cache); err != nil {
-			t.Fatal(err)
-		}
+		s.updateCache(ns, "example-project", func(c *v1alpha1.Cache) { c.Spec.ReadOnly = false })
 	})
 
 	t.Run("after a restart a finished commit is not committed again", func(t *testing.T) {
@@ -348,10 +354,7 @@ func TestNodeAgentLifecycle(t *testing.T) {
 		s.pvGone(pv)
 		c := &v1alpha1.Cache{}
 		s.eventually("the Cache", func() bool { return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: "short-lived"}, c) == nil })
-		c.Spec.TTL = &metav1.Duration{Duration: time.Second}
-		if err := s.c.Update(s.ctx, c); err != nil {
-			t.Fatal(err)
-		}
+		s.updateCache(ns, "short-lived", func(c *v1alpha1.Cache) { c.Spec.TTL = &metav1.Duration{Duration: time.Second} })
 		s.eventually("the eviction", func() bool {
 			_, err := s.store.Inspect(ttlKey)
 			return err != nil

@@ -9,15 +9,21 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
+	"sync/atomic"
+	"time"
 
+	"github.com/open-policy-agent/cert-controller/pkg/rotator"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	ctrlwebhook "sigs.k8s.io/controller-runtime/pkg/webhook"
@@ -40,6 +46,11 @@ type config struct {
 	webhookPort            int
 	storageClass           string
 	defaultSize            string
+	certRotation           bool
+	namespace              string
+	webhookSecret          string
+	webhookService         string
+	webhookConfiguration   string
 }
 
 func (c *config) bind(fs *flag.FlagSet) {
@@ -53,6 +64,11 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.IntVar(&c.webhookPort, "webhook-port", 9443, "port of the webhook server")
 	fs.StringVar(&c.storageClass, "storage-class", v1alpha1.DefaultStorageClass, "StorageClass of the cache volumes' claims")
 	fs.StringVar(&c.defaultSize, "default-volume-size", "10Gi", "size of a cache volume's writable layer when the pod does not set layercache.io/size")
+	fs.BoolVar(&c.certRotation, "cert-rotation", false, "provision the webhook's serving certificate and CA bundle ourselves, without cert-manager")
+	fs.StringVar(&c.namespace, "namespace", os.Getenv("POD_NAMESPACE"), "the manager's namespace, for --cert-rotation (default $POD_NAMESPACE)")
+	fs.StringVar(&c.webhookSecret, "webhook-secret-name", "layercache-webhook-server-cert", "Secret that holds the certificate, for --cert-rotation")
+	fs.StringVar(&c.webhookService, "webhook-service-name", "layercache-webhook-service", "the webhook's Service, for --cert-rotation")
+	fs.StringVar(&c.webhookConfiguration, "webhook-configuration-name", "layercache-mutating-webhook-configuration", "MutatingWebhookConfiguration whose CA bundle --cert-rotation keeps current")
 }
 
 func main() {
@@ -111,28 +127,78 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err := controllers.Setup(mgr); err != nil {
 		return fmt.Errorf("setting up the reconcilers: %w", err)
 	}
-	if err := setupWebhooks(mgr, cfg, size); err != nil {
+	ready, err := setupWebhooks(mgr, cfg, size)
+	if err != nil {
 		return err
 	}
-	if err := setupChecks(mgr, cfg); err != nil {
+	if err := setupChecks(mgr, ready); err != nil {
 		return err
 	}
 	ctrl.Log.WithName("setup").Info("Starting the manager", "webhooks", cfg.enableWebhooks, "leaderElection", cfg.leaderElect)
 	return mgr.Start(ctx)
 }
 
-func setupWebhooks(mgr ctrl.Manager, cfg config, size resource.Quantity) error {
+// setupWebhooks registers the webhook and returns the readiness check. With
+// --cert-rotation the manager provisions its own serving certificate (a
+// self-signed CA in a Secret, rotated before expiry, injected into the
+// webhook configuration); the webhook server is only created, hence
+// started, once the certificate is on disk.
+func setupWebhooks(mgr ctrl.Manager, cfg config, size resource.Quantity) (healthz.Checker, error) {
 	if !cfg.enableWebhooks {
-		return nil
+		return healthz.Ping, nil
 	}
-	return webhook.Setup(mgr, webhook.Options{StorageClass: cfg.storageClass, DefaultSize: size})
+	opts := webhook.Options{StorageClass: cfg.storageClass, DefaultSize: size}
+	if !cfg.certRotation {
+		return mgr.GetWebhookServer().StartedChecker(), webhook.Setup(mgr, opts)
+	}
+	if cfg.namespace == "" {
+		return nil, errors.New("--cert-rotation needs --namespace (or $POD_NAMESPACE)")
+	}
+	ready := make(chan struct{})
+	err := rotator.AddRotator(mgr, &rotator.CertRotator{
+		SecretKey:      types.NamespacedName{Namespace: cfg.namespace, Name: cfg.webhookSecret},
+		CertDir:        cfg.webhookCertDir,
+		CAName:         "layercache-webhook-ca",
+		CAOrganization: "layercache",
+		DNSName:        fmt.Sprintf("%s.%s.svc", cfg.webhookService, cfg.namespace),
+		ExtraDNSNames:  []string{fmt.Sprintf("%s.%s.svc.cluster.local", cfg.webhookService, cfg.namespace)},
+		IsReady:        ready,
+		Webhooks:       []rotator.WebhookInfo{{Name: cfg.webhookConfiguration, Type: rotator.Mutating}},
+		// Every replica serves the webhook and needs the certificate.
+		RequireLeaderElection: false,
+	})
+	if err != nil {
+		return nil, fmt.Errorf("setting up certificate rotation: %w", err)
+	}
+	projector := &certProjector{reader: mgr.GetAPIReader(), dir: cfg.webhookCertDir, every: time.Minute,
+		secret: types.NamespacedName{Namespace: cfg.namespace, Name: cfg.webhookSecret}}
+	if err := mgr.Add(projector); err != nil {
+		return nil, err
+	}
+	var started atomic.Pointer[healthz.Checker]
+	err = mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
+		select {
+		case <-ready:
+		case <-ctx.Done():
+			return nil
+		}
+		if err := webhook.Setup(mgr, opts); err != nil {
+			return err
+		}
+		check := mgr.GetWebhookServer().StartedChecker()
+		started.Store(&check)
+		return nil
+	}))
+	return func(req *http.Request) error {
+		check := started.Load()
+		if check == nil {
+			return errors.New("waiting for the webhook's certificate")
+		}
+		return (*check)(req)
+	}, err
 }
 
-func setupChecks(mgr ctrl.Manager, cfg config) error {
-	ready := healthz.Ping
-	if cfg.enableWebhooks {
-		ready = mgr.GetWebhookServer().StartedChecker()
-	}
+func setupChecks(mgr ctrl.Manager, ready healthz.Checker) error {
 	return errors.Join(
 		mgr.AddHealthzCheck("healthz", healthz.Ping),
 		mgr.AddReadyzCheck("readyz", ready),

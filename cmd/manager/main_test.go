@@ -17,13 +17,8 @@ import (
 // webhooks disabled it needs no certificate (make run).
 func TestManagerStartsWithoutWebhooks(t *testing.T) {
 	env := testenv.Start(t)
-	var cfg config
-	fs := flag.NewFlagSet("manager", flag.ContinueOnError)
-	cfg.bind(fs)
 	port := freePort(t)
-	if err := fs.Parse([]string{"--enable-webhooks=false", "--health-probe-bind-address", fmt.Sprintf("127.0.0.1:%d", port)}); err != nil {
-		t.Fatal(err)
-	}
+	cfg := parse(t, "--enable-webhooks=false", "--health-probe-bind-address", fmt.Sprintf("127.0.0.1:%d", port))
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error)
 	go func() { done <- run(ctx, cfg, env.Config) }()
@@ -50,16 +45,22 @@ func TestManagerStartsWithoutWebhooks(t *testing.T) {
 
 func TestManagerRejectsBadFlags(t *testing.T) {
 	env := testenv.Start(t)
-	var cfg config
-	fs := flag.NewFlagSet("manager", flag.ContinueOnError)
-	cfg.bind(fs)
-	if err := fs.Parse([]string{"--default-volume-size", "huge"}); err != nil {
-		t.Fatal(err)
-	}
+	cfg := parse(t, "--default-volume-size", "huge")
 	err := run(context.Background(), cfg, env.Config)
 	if err == nil || !strings.Contains(err.Error(), "--default-volume-size") {
 		t.Fatalf("err = %v", err)
 	}
+}
+
+func parse(t *testing.T, args ...string) config {
+	t.Helper()
+	var cfg config
+	fs := flag.NewFlagSet("manager", flag.ContinueOnError)
+	cfg.bind(fs)
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	return cfg
 }
 
 func freePort(t *testing.T) int {
