@@ -129,6 +129,10 @@ cluster-smoke: ## Bring the cluster up, run a Bidirectional overlay pod, tear do
 
 ##@ Deployment
 
+.PHONY: demo
+demo: ## Build everything, start the local cluster, install layercache and play the build-cache story (root).
+	hack/demo.sh
+
 KUBECTL ?= $(K8S_BIN)/kubectl
 
 .PHONY: deploy

@@ -23,7 +23,6 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
-	"sigs.k8s.io/controller-runtime/pkg/manager"
 	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 	ctrlwebhook "sigs.k8s.io/controller-runtime/pkg/webhook"
@@ -176,7 +175,7 @@ func setupWebhooks(mgr ctrl.Manager, cfg config, size resource.Quantity) (health
 		return nil, err
 	}
 	var started atomic.Pointer[healthz.Checker]
-	err = mgr.Add(manager.RunnableFunc(func(ctx context.Context) error {
+	err = mgr.Add(everyReplica(func(ctx context.Context) error {
 		select {
 		case <-ready:
 		case <-ctx.Done():
@@ -197,6 +196,13 @@ func setupWebhooks(mgr ctrl.Manager, cfg config, size resource.Quantity) (health
 		return (*check)(req)
 	}, err
 }
+
+// everyReplica is a Runnable that runs on every replica, leader or not
+// (a plain RunnableFunc waits for the leadership).
+type everyReplica func(context.Context) error
+
+func (f everyReplica) Start(ctx context.Context) error { return f(ctx) }
+func (f everyReplica) NeedLeaderElection() bool        { return false }
 
 func setupChecks(mgr ctrl.Manager, ready healthz.Checker) error {
 	return errors.Join(
