@@ -55,7 +55,7 @@ func TestManagerProvisionsItsOwnCertificate(t *testing.T) {
 	cfg := parse(t, "--cert-rotation", "--namespace", ns, "--webhook-cert-dir", certDir,
 		"--webhook-port", fmt.Sprint(freePort(t)), "--health-probe-bind-address", fmt.Sprintf("127.0.0.1:%d", port))
 	runCtx, cancel := context.WithCancel(ctx)
-	done := make(chan error)
+	done := make(chan error, 1)
 	go func() { done <- run(runCtx, cfg, env.Config) }()
 	defer func() {
 		cancel()
@@ -73,6 +73,12 @@ func TestManagerProvisionsItsOwnCertificate(t *testing.T) {
 		return resp.StatusCode == http.StatusOK
 	}
 	for deadline := time.Now().Add(60 * time.Second); !ready(); time.Sleep(200 * time.Millisecond) {
+		select {
+		case err := <-done:
+			done <- nil // for the deferred stop
+			t.Fatalf("the manager stopped: %v", err)
+		default:
+		}
 		if time.Now().After(deadline) {
 			t.Fatal("the manager never became ready")
 		}

@@ -21,6 +21,7 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
+	ctrlconfig "sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
@@ -36,6 +37,7 @@ import (
 const leaderElectionID = "manager.layercache.io"
 
 type config struct {
+	testing                bool // set by tests only
 	metricsAddr, probeAddr string
 	secureMetrics          bool
 	enableHTTP2            bool
@@ -115,7 +117,9 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 		HealthProbeBindAddress: cfg.probeAddr,
 		LeaderElection:         cfg.leaderElect,
 		LeaderElectionID:       leaderElectionID,
-		Cache:                  controllers.CacheOptions(),
+		// Tests start several managers in one process.
+		Controller: ctrlconfig.Controller{SkipNameValidation: &cfg.testing},
+		Cache:      controllers.CacheOptions(),
 		WebhookServer: ctrlwebhook.NewServer(ctrlwebhook.Options{
 			Port: cfg.webhookPort, CertDir: cfg.webhookCertDir, TLSOpts: tlsOpts,
 		}),
@@ -154,7 +158,14 @@ func setupWebhooks(mgr ctrl.Manager, cfg config, size resource.Quantity) (health
 		return nil, errors.New("--cert-rotation needs --namespace (or $POD_NAMESPACE)")
 	}
 	ready := make(chan struct{})
+	controllerName := "cert-rotator"
+	if cfg.testing {
+		// The rotator ignores SkipNameValidation: tests that start it more
+		// than once in a process need distinct names.
+		controllerName = fmt.Sprintf("cert-rotator-%d", time.Now().UnixNano())
+	}
 	err := rotator.AddRotator(mgr, &rotator.CertRotator{
+		ControllerName: controllerName,
 		SecretKey:      types.NamespacedName{Namespace: cfg.namespace, Name: cfg.webhookSecret},
 		CertDir:        cfg.webhookCertDir,
 		CAName:         "layercache-webhook-ca",

@@ -60,6 +60,7 @@ func parse(t *testing.T, args ...string) config {
 	if err := fs.Parse(args); err != nil {
 		t.Fatal(err)
 	}
+	cfg.testing = true
 	return cfg
 }
 

@@ -17,6 +17,7 @@ import (
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	ctrl "sigs.k8s.io/controller-runtime"
+	ctrlconfig "sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -27,6 +28,7 @@ import (
 )
 
 type config struct {
+	testing                    bool // set by tests only
 	nodeName, root, kubeletDir string
 	metricsAddr, probeAddr     string
 	compactThreshold           int
@@ -90,7 +92,9 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 		Metrics:                metricsserver.Options{BindAddress: cfg.metricsAddr},
 		HealthProbeBindAddress: cfg.probeAddr,
 		LeaderElection:         false, // one agent per node, each acting on its own node
-		Cache:                  nodeagent.CacheOptions(cfg.nodeName),
+		// Tests start several managers in one process.
+		Controller: ctrlconfig.Controller{SkipNameValidation: &cfg.testing},
+		Cache:      nodeagent.CacheOptions(cfg.nodeName),
 	})
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)
