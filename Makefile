@@ -70,13 +70,12 @@ lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 	$(STATICCHECK) ./...
 
 .PHONY: test
-test: lint check-generated envtest-assets test-cluster ## Run every test (as root: overlays, a real cluster).
+test: lint check-generated envtest-assets test-e2e ## Run every test (as root: overlays, a real cluster).
 	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./...
 
-.PHONY: test-cluster
-test-cluster: ## The cluster smoke test, as part of make test (root only).
-	@if [ "$$(id -u)" = 0 ]; then $(MAKE) -s cluster-smoke; \
-	else echo "skipping the cluster smoke test: it needs root (it runs a kubelet)"; fi
+.PHONY: test-e2e
+test-e2e: ## On a real local cluster: smoke test, install, the e2e suite, teardown checked clean (root).
+	hack/test-e2e.sh
 
 .PHONY: fuzz
 fuzz: ## Fuzz the name parsers for a while (FUZZTIME=1m).

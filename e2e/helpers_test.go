@@ -1,0 +1,208 @@
+//go:build e2e
+
+// Package e2e checks layercache on the local cluster (make cluster-up,
+// make deploy-local) through what a user sees: pod logs, Cache status,
+// events. Run it with make test-e2e (make test does).
+package e2e
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/client-go/kubernetes"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+)
+
+const kubeconfig = "/var/lib/layercache-cluster/admin.kubeconfig"
+
+var (
+	c  client.Client
+	cs kubernetes.Interface
+)
+
+func TestMain(m *testing.M) {
+	if os.Geteuid() != 0 {
+		fmt.Println("skipping the e2e suite: it needs root and the local cluster (make test-e2e)")
+		os.Exit(0)
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: no local cluster (%v): run make test-e2e\n", err)
+		os.Exit(1)
+	}
+	scheme := runtime.NewScheme()
+	clientgoscheme.AddToScheme(scheme)
+	v1alpha1.AddToScheme(scheme)
+	if c, err = client.New(cfg, client.Options{Scheme: scheme}); err == nil {
+		cs, err = kubernetes.NewForConfig(cfg)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: %v\n", err)
+		os.Exit(1)
+	}
+	os.Exit(m.Run())
+}
+
+// env is one test's namespace, with a service account "builder" allowed to
+// commit and "default" not.
+type env struct {
+	t   *testing.T
+	ctx context.Context
+	ns  string
+}
+
+func newEnv(t *testing.T) *env {
+	t.Helper()
+	ctx := context.Background()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "e2e-"}}
+	if err := c.Create(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if t.Failed() {
+			e := &env{t: t, ctx: ctx, ns: ns.Name}
+			t.Logf("events in %s:\n%s", ns.Name, e.events(""))
+		}
+		c.Delete(context.Background(), ns)
+	})
+	e := &env{t: t, ctx: ctx, ns: ns.Name}
+	e.create(&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "builder", Namespace: ns.Name}})
+	e.create(&rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "builder-commits", Namespace: ns.Name},
+		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "layercache-cache-committer"},
+		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Name: "builder", Namespace: ns.Name}}})
+	e.eventually("the default ServiceAccount", 60*time.Second, func() bool {
+		return c.Get(ctx, client.ObjectKey{Namespace: ns.Name, Name: "default"}, &corev1.ServiceAccount{}) == nil
+	})
+	return e
+}
+
+func (e *env) create(obj client.Object) {
+	e.t.Helper()
+	if err := c.Create(e.ctx, obj); err != nil {
+		e.t.Fatalf("creating %T %s: %v", obj, obj.GetName(), err)
+	}
+}
+
+func (e *env) eventually(what string, timeout time.Duration, cond func() bool) {
+	e.t.Helper()
+	for deadline := time.Now().Add(timeout); !cond(); time.Sleep(250 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			e.t.Fatalf("timed out after %s waiting for %s", timeout, what)
+		}
+	}
+}
+
+// buildPod is a pod as a CI user writes it: labels, a script, busybox.
+func buildPod(name, cache, trust, sa, script string, ann map[string]string) *corev1.Pod {
+	labels := map[string]string{}
+	if cache != "" {
+		labels[v1alpha1.LabelCache] = cache
+	}
+	if trust != "" {
+		labels[v1alpha1.LabelTrust] = trust
+	}
+	return &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: labels, Annotations: ann},
+		Spec: corev1.PodSpec{
+			ServiceAccountName: sa, RestartPolicy: corev1.RestartPolicyNever, TerminationGracePeriodSeconds: ptr(int64(2)),
+			Containers: []corev1.Container{{Name: "build", Image: "localhost/busybox:dev", ImagePullPolicy: corev1.PullNever,
+				Command: []string{"sh", "-c", script}}},
+		},
+	}
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// run creates the pod and waits until it ended; it returns its phase and log.
+func (e *env) run(p *corev1.Pod) (corev1.PodPhase, string) {
+	e.t.Helper()
+	p.Namespace = e.ns
+	e.create(p)
+	return e.wait(p.Name)
+}
+
+func (e *env) wait(name string) (corev1.PodPhase, string) {
+	e.t.Helper()
+	p := &corev1.Pod{}
+	e.eventually("pod "+name+" to end", 120*time.Second, func() bool {
+		return c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: name}, p) == nil &&
+			(p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed)
+	})
+	return p.Status.Phase, e.logs(name)
+}
+
+func (e *env) logs(name string) string {
+	raw, err := cs.CoreV1().Pods(e.ns).GetLogs(name, &corev1.PodLogOptions{}).DoRaw(e.ctx)
+	if err != nil {
+		e.t.Fatalf("logs of %s: %v", name, err)
+	}
+	return string(bytes.TrimSpace(raw))
+}
+
+// settled waits until the pod's claims are gone and their PVs finished: the
+// commit (or discard) is done.
+func (e *env) settled() {
+	e.t.Helper()
+	e.eventually("claims and volumes to be released", 90*time.Second, func() bool {
+		pvcs := &corev1.PersistentVolumeClaimList{}
+		pvs := &corev1.PersistentVolumeList{}
+		if c.List(e.ctx, pvcs, client.InNamespace(e.ns)) != nil || c.List(e.ctx, pvs) != nil {
+			return false
+		}
+		for _, pv := range pvs.Items {
+			if pv.Spec.ClaimRef != nil && pv.Spec.ClaimRef.Namespace == e.ns {
+				return false
+			}
+		}
+		return len(pvcs.Items) == 0
+	})
+}
+
+// generation is the cache's head generation on the node (0 if none).
+func (e *env) generation(cache string) int64 {
+	ca := &v1alpha1.Cache{}
+	if err := c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: cache}, ca); err != nil || len(ca.Status.Nodes) == 0 {
+		return 0
+	}
+	return ca.Status.Nodes[0].Generation
+}
+
+// read runs a reader pod that prints the cache's files, sorted, as
+// "name=content" lines.
+func (e *env) read(cache, name string) string {
+	e.t.Helper()
+	phase, out := e.run(buildPod(name, cache, "read", "", `cd /cache && for f in $(ls | sort); do echo "$f=$(cat $f)"; done`, nil))
+	if phase != corev1.PodSucceeded {
+		e.t.Fatalf("reader %s: %s: %s", name, phase, out)
+	}
+	e.settled()
+	return out
+}
+
+func (e *env) events(object string) string {
+	list := &corev1.EventList{}
+	opts := []client.ListOption{client.InNamespace(e.ns)}
+	if object != "" {
+		opts = append(opts, client.MatchingFieldsSelector{Selector: fields.OneTermEqualSelector("involvedObject.name", object)})
+	}
+	c.List(e.ctx, list, opts...)
+	var out []string
+	for _, ev := range list.Items {
+		out = append(out, ev.InvolvedObject.Name+" "+ev.Reason+": "+ev.Message)
+	}
+	return strings.Join(out, "\n")
+}
