@@ -60,14 +60,14 @@ fmt: ## Format the Go code.
 	$(GO) fmt ./...
 
 .PHONY: vet
-vet: ## Run go vet.
-	$(GO) vet ./...
+vet: ## Run go vet (the e2e suite included).
+	$(GO) vet -tags e2e ./...
 
 .PHONY: lint
 lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
-	@unformatted=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*')); \
+	@unformatted=$$(gofmt -l $$(git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*')); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed on: $$unformatted"; exit 1; fi
-	$(STATICCHECK) ./...
+	$(STATICCHECK) -tags e2e ./...
 
 .PHONY: test
 test: lint check-generated envtest-assets test-e2e ## Run every test (as root: overlays, a real cluster).

@@ -34,7 +34,6 @@ type suite struct {
 
 func start(t *testing.T) *suite {
 	env := testenv.Start(t)
-	ctx, cancel := context.WithCancel(context.Background())
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
 		Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Cache: controllers.CacheOptions(),
 		// go test -count=N starts this manager N times in one process.
@@ -46,14 +45,7 @@ func start(t *testing.T) *suite {
 	if err := controllers.Setup(mgr); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error)
-	go func() { done <- mgr.Start(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("manager: %v", err)
-		}
-	})
+	ctx := testenv.RunManager(t, mgr)
 	s := &suite{t: t, ctx: ctx, c: env.Client}
 	reclaim := corev1.PersistentVolumeReclaimDelete
 	wait := storagev1.VolumeBindingWaitForFirstConsumer

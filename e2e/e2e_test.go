@@ -20,7 +20,6 @@ import (
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 )
 
-
 // The demo's story: a trusted build writes, its claim goes, the Cache shows
 // the node, the next build finds the content.
 func TestBuildCacheStory(t *testing.T) {

@@ -122,22 +122,5 @@ func (s *Store) HostDirUsage(id string) (bytes, inodes int64, err error) {
 	if err := ValidateVolumeID(id); err != nil {
 		return 0, 0, err
 	}
-	root, err := openRoot(s.root)
-	if err != nil {
-		return 0, 0, err
-	}
-	defer root.Close()
-	d, err := root.openBeneath(filepath.Join(dirHostDirs, id))
-	if errors.Is(err, unix.ENOENT) {
-		return 0, 0, fmt.Errorf("host directory %s: %w", id, ErrNotFound)
-	}
-	if err != nil {
-		return 0, 0, err
-	}
-	defer d.Close()
-	c := newCounter()
-	if err := measure(d, c); err != nil {
-		return 0, 0, err
-	}
-	return c.bytes, c.inodes, nil
+	return s.measureDir(filepath.Join(dirHostDirs, id))
 }

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 
@@ -93,12 +94,21 @@ func (s *Store) VolumeUsage(id string) (bytes, inodes int64, err error) {
 	if err := ValidateVolumeID(id); err != nil {
 		return 0, 0, err
 	}
+	return s.measureDir(filepath.Join(dirVolumes, id, "upper"))
+}
+
+// measureDir measures the directory rel below the store root, without
+// following symlinks; a missing directory is ErrNotFound.
+func (s *Store) measureDir(rel string) (bytes, inodes int64, err error) {
 	root, err := openRoot(s.root)
 	if err != nil {
 		return 0, 0, err
 	}
 	defer root.Close()
-	d, err := root.openBeneath(filepath.Join(dirVolumes, id, "upper"))
+	d, err := root.openBeneath(rel)
+	if errors.Is(err, unix.ENOENT) {
+		return 0, 0, fmt.Errorf("%s: %w", rel, ErrNotFound)
+	}
 	if err != nil {
 		return 0, 0, err
 	}

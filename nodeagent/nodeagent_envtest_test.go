@@ -45,7 +45,6 @@ func startNode(t *testing.T) *nodeSuite {
 	}
 	store, dir := newStore(t)
 	env := testenv.Start(t)
-	ctx, cancel := context.WithCancel(context.Background())
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
 		Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Cache: CacheOptions("node-a"),
 		// go test -count=N starts this manager N times in one process.
@@ -57,14 +56,7 @@ func startNode(t *testing.T) *nodeSuite {
 	if err := Setup(mgr, Options{NodeName: "node-a", Store: store, MaintenanceInterval: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error)
-	go func() { done <- mgr.Start(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("manager: %v", err)
-		}
-	})
+	ctx := testenv.RunManager(t, mgr)
 	caches := &CacheReconciler{Client: env.Client, Store: store, NodeName: "node-a", Recorder: mgr.GetEventRecorderFor("test")}
 	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"},
 		maint: &Maintenance{APIReader: env.Client, Store: store, Caches: caches, Interval: time.Hour, OrphanGrace: time.Nanosecond}}

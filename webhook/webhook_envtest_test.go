@@ -47,7 +47,6 @@ func (w *warnings) take() []string {
 // creating pods through the API and reading back what was stored.
 func TestWebhookThroughTheAPIServer(t *testing.T) {
 	env := testenv.Start(t, testenv.Options{WebhookPaths: []string{"config/webhook"}})
-	ctx, cancel := context.WithCancel(context.Background())
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
 		Scheme:  env.Scheme,
 		Metrics: metricsserver.Options{BindAddress: "0"},
@@ -61,14 +60,7 @@ func TestWebhookThroughTheAPIServer(t *testing.T) {
 	if err := webhook.Setup(mgr, webhook.Options{StorageClass: "layercache", DefaultSize: resource.MustParse("10Gi")}); err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error)
-	go func() { done <- mgr.Start(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("manager: %v", err)
-		}
-	})
+	ctx := testenv.RunManager(t, mgr)
 
 	warn := &warnings{}
 	cfg := rest.CopyConfig(env.Config)

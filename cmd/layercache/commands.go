@@ -9,6 +9,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"github.com/layercache/layercache/engine"
 )
@@ -166,6 +167,7 @@ type cacheRow struct {
 	LastCommit  string     `json:"lastCommit,omitempty"`
 	Volumes     int        `json:"volumes"`
 	Generations []int64    `json:"generations"`
+	committed   time.Time
 }
 
 func (c *cli) cacheRows() ([]cacheRow, error) {
@@ -190,6 +192,7 @@ func (c *cli) cacheRows() ([]cacheRow, error) {
 		if info.Head != nil {
 			r.Generation, r.Layers = info.Head.Number, len(info.Head.Layers)
 			r.LastCommit = info.Head.Created.Format("2006-01-02T15:04:05Z")
+			r.committed = info.Head.Created
 		}
 		rows = append(rows, r)
 	}
@@ -206,12 +209,8 @@ func (c *cli) ls([]string) error {
 	}
 	var t [][]string
 	for _, r := range rows {
-		last := "-"
-		if info, err := c.store.Inspect(r.Cache); err == nil && info.Head != nil {
-			last = ago(info.Head.Created)
-		}
 		t = append(t, []string{r.Cache.Namespace, r.Cache.Name, strconv.FormatInt(r.Generation, 10),
-			strconv.Itoa(r.Layers), humanBytes(r.Bytes), last, strconv.Itoa(r.Volumes)})
+			strconv.Itoa(r.Layers), humanBytes(r.Bytes), ago(r.committed), strconv.Itoa(r.Volumes)})
 	}
 	return c.table("NAMESPACE\tNAME\tGENERATION\tLAYERS\tSIZE\tLAST COMMIT\tVOLUMES", t)
 }

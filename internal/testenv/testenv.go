@@ -5,6 +5,7 @@
 package testenv
 
 import (
+	"context"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -15,6 +16,7 @@ import (
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/envtest"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
 
 	layercachev1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 )
@@ -116,4 +118,21 @@ func Start(t testing.TB, opts ...Options) *Env {
 		t.Fatal(err)
 	}
 	return &Env{Config: cfg, Client: c, Scheme: scheme, Root: root, Webhook: &env.WebhookInstallOptions}
+}
+
+// RunManager starts mgr for the rest of the test and stops it (checking
+// that it stopped cleanly) when the test ends. It returns the manager's
+// context.
+func RunManager(t testing.TB, mgr manager.Manager) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- mgr.Start(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		if err := <-done; err != nil {
+			t.Errorf("manager: %v", err)
+		}
+	})
+	return ctx
 }
