@@ -77,6 +77,12 @@ test: lint check-generated envtest-assets test-e2e ## Run every test (as root: o
 test-e2e: ## On a real local cluster: smoke test, install, the e2e suite, teardown checked clean (root).
 	hack/test-e2e.sh
 
+.PHONY: bench-e2e
+bench-e2e: ## On the local cluster: pod start and a full read of a warm cache, layercache vs copy vs tar vs emptyDir (root).
+	@rc=0; { hack/cluster/up.sh && hack/deploy-local.sh && \
+		$(GO) run ./hack/bench-e2e --size $(BENCH_SIZE) --files $(BENCH_FILES) --runs $(or $(BENCH_E2E_RUNS),5); } || rc=$$?; \
+	hack/cluster/down.sh || rc=1; exit $$rc
+
 .PHONY: fuzz
 fuzz: ## Fuzz the name parsers for a while (FUZZTIME=1m).
 	$(GO) test -run '^$$' -fuzz FuzzParseKey -fuzztime $(or $(FUZZTIME),1m) ./engine/

@@ -1,0 +1,334 @@
+// Command bench-e2e measures what a build pod sees on the local cluster:
+// the time from pod creation to its container's start, and to the end of a
+// workload that reads every file of a warm cache, for a layercache volume,
+// for the same pod restoring the cache by copy (an init container copying
+// from a hostPath, the local-path way) or by tar -x of an archive, and for
+// an empty emptyDir (the floor). Medians over --runs; run by make bench-e2e
+// on a cluster with layercache installed (config/local).
+package main
+
+import (
+	"context"
+	"flag"
+	"fmt"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+)
+
+const (
+	ns    = "layercache-bench"
+	cache = "bench-cache"
+	// The pod's clock: the host's uptime, which containers share.
+	stamp = `cut -d' ' -f1 /proc/uptime`
+)
+
+type config struct {
+	kubeconfig, hostDir string
+	size                int64
+	files, runs         int
+}
+
+func main() {
+	var c config
+	var size string
+	flag.StringVar(&c.kubeconfig, "kubeconfig", "/var/lib/layercache-cluster/admin.kubeconfig", "the local cluster's kubeconfig")
+	flag.StringVar(&c.hostDir, "host-dir", "/var/lib/layercache-cluster/hostpath/bench", "where the copy and tar baselines keep their source on the node")
+	flag.StringVar(&size, "size", "1GiB", "cache size (GiB or MiB)")
+	flag.IntVar(&c.files, "files", 50000, "files in the cache")
+	flag.IntVar(&c.runs, "runs", 5, "runs per variant (medians)")
+	flag.Parse()
+	var err error
+	if c.size, err = parseSize(size); err == nil {
+		err = run(context.Background(), c)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "bench-e2e: %s\n", err)
+		os.Exit(1)
+	}
+}
+
+func parseSize(s string) (int64, error) {
+	for suffix, mult := range map[string]int64{"GiB": 1 << 30, "MiB": 1 << 20} {
+		if n, ok := strings.CutSuffix(s, suffix); ok {
+			v, err := strconv.ParseFloat(n, 64)
+			if err == nil && v > 0 {
+				return int64(v * float64(mult)), nil
+			}
+		}
+	}
+	return 0, fmt.Errorf("size %q: want e.g. 1GiB or 256MiB", s)
+}
+
+type bench struct {
+	config
+	cs  kubernetes.Interface
+	ctx context.Context
+	n   int
+}
+
+func run(ctx context.Context, c config) error {
+	cfg, err := clientcmd.BuildConfigFromFlags("", c.kubeconfig)
+	if err != nil {
+		return err
+	}
+	cs, err := kubernetes.NewForConfig(cfg)
+	if err != nil {
+		return err
+	}
+	b := &bench{config: c, cs: cs, ctx: ctx}
+	defer b.cleanup()
+	if err := b.setup(); err != nil {
+		return err
+	}
+	label := fmt.Sprintf("%.1f GiB / %d files", float64(c.size)/(1<<30), c.files)
+	fmt.Fprintf(os.Stderr, "generating the %s source on the node...\n", label)
+	if err := generate(filepath.Join(c.hostDir, "src"), c.size, c.files); err != nil {
+		return err
+	}
+	if out, err := exec.Command("tar", "-C", filepath.Join(c.hostDir, "src"), "-cf", filepath.Join(c.hostDir, "cache.tar"), ".").CombinedOutput(); err != nil {
+		return fmt.Errorf("tar: %s: %w", out, err)
+	}
+	fmt.Fprintln(os.Stderr, "filling the layercache cache from it (one committed build)...")
+	if _, err := b.pod("fill", podSpec{cache: cache, trust: "write", sa: "builder", hostSrc: true,
+		script: "cp -a /src/. /cache/"}); err != nil {
+		return err
+	}
+	if err := b.waitCommitted(); err != nil {
+		return err
+	}
+
+	read := `n=$(find /cache -type f | wc -l); find /cache -type f -exec cat {} + > /dev/null`
+	variants := []struct {
+		name string
+		spec podSpec
+	}{
+		{"layercache (warm cache)", podSpec{cache: cache, trust: "read"}},
+		{"copy from a hostPath (init container cp -a)", podSpec{hostSrc: true, init: "cp -a /src/. /cache/"}},
+		{"tar -x of an archive (init container)", podSpec{hostSrc: true, init: "tar -xf /src-archive/cache.tar -C /cache"}},
+		{"empty emptyDir (floor)", podSpec{}},
+	}
+	type result struct{ start, end time.Duration }
+	results := map[string]result{}
+	for _, v := range variants {
+		var starts, ends []time.Duration
+		for r := range c.runs {
+			fmt.Fprintf(os.Stderr, "%s, run %d/%d...\n", v.name, r+1, c.runs)
+			spec := v.spec
+			spec.script = read
+			t, err := b.pod("run", spec)
+			if err != nil {
+				return fmt.Errorf("%s: %w", v.name, err)
+			}
+			starts, ends = append(starts, t.start), append(ends, t.end)
+		}
+		results[v.name] = result{median(starts), median(ends)}
+	}
+	lc, cp, floor := results[variants[0].name], results[variants[1].name], results[variants[3].name]
+	fmt.Printf("Pod on the local cluster (1 node, 2 cores), warm cache of %s; medians of %d runs.\n\n", label, c.runs)
+	fmt.Println("| volume | pod created → container started | → every file read | start vs copy |")
+	fmt.Println("|---|---|---|---|")
+	for _, v := range variants {
+		r := results[v.name]
+		fmt.Printf("| %s | %s | %s | %.1fx |\n", v.name, sec(r.start), sec(r.end), float64(cp.start)/float64(r.start))
+	}
+	fmt.Println()
+	ok := true
+	check := func(cond bool, format string, args ...any) {
+		mark := "met"
+		if !cond {
+			mark, ok = "MISSED", false
+		}
+		fmt.Printf("target %s: %s\n", mark, fmt.Sprintf(format, args...))
+	}
+	check(float64(cp.start) >= 10*float64(lc.start), "layercache start at least 10x faster than the copy baseline (%.1fx)", float64(cp.start)/float64(lc.start))
+	check(lc.start-floor.start <= 2*time.Second, "layercache start within 2 s of the emptyDir floor (+%s)", sec(lc.start-floor.start))
+	if !ok {
+		return fmt.Errorf("targets missed")
+	}
+	return nil
+}
+
+func sec(d time.Duration) string { return fmt.Sprintf("%.2f s", d.Seconds()) }
+
+func median(ds []time.Duration) time.Duration {
+	s := slices.Clone(ds)
+	slices.Sort(s)
+	return s[len(s)/2]
+}
+
+func (b *bench) setup() error {
+	b.cleanup()
+	if _, err := b.cs.CoreV1().Namespaces().Create(b.ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	if _, err := b.cs.CoreV1().ServiceAccounts(ns).Create(b.ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "builder"}}, metav1.CreateOptions{}); err != nil {
+		return err
+	}
+	_, err := b.cs.RbacV1().RoleBindings(ns).Create(b.ctx, &rbacv1.RoleBinding{ObjectMeta: metav1.ObjectMeta{Name: "builder"},
+		RoleRef:  rbacv1.RoleRef{APIGroup: "rbac.authorization.k8s.io", Kind: "ClusterRole", Name: "layercache-cache-committer"},
+		Subjects: []rbacv1.Subject{{Kind: "ServiceAccount", Name: "builder", Namespace: ns}}}, metav1.CreateOptions{})
+	if err != nil {
+		return err
+	}
+	for deadline := time.Now().Add(time.Minute); ; time.Sleep(500 * time.Millisecond) {
+		if _, err := b.cs.CoreV1().ServiceAccounts(ns).Get(b.ctx, "default", metav1.GetOptions{}); err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("no default ServiceAccount in %s", ns)
+		}
+	}
+}
+
+func (b *bench) cleanup() {
+	b.cs.CoreV1().Namespaces().Delete(b.ctx, ns, metav1.DeleteOptions{})
+	for deadline := time.Now().Add(2 * time.Minute); time.Now().Before(deadline); time.Sleep(time.Second) {
+		if _, err := b.cs.CoreV1().Namespaces().Get(b.ctx, ns, metav1.GetOptions{}); apierrors.IsNotFound(err) {
+			break
+		}
+	}
+	os.RemoveAll(b.hostDir)
+}
+
+type podSpec struct {
+	cache, trust, sa string
+	hostSrc          bool
+	init, script     string
+}
+
+type timing struct{ start, end time.Duration }
+
+// pod runs one pod to completion and returns, from its creation, when its
+// main container started and when its script ended.
+func (b *bench) pod(prefix string, s podSpec) (timing, error) {
+	b.n++
+	name := fmt.Sprintf("%s-%d", prefix, b.n)
+	p := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{}},
+		Spec: corev1.PodSpec{
+			RestartPolicy: corev1.RestartPolicyNever, ServiceAccountName: s.sa, TerminationGracePeriodSeconds: ptr(int64(1)),
+			Containers: []corev1.Container{{Name: "main", Image: "localhost/busybox:dev", ImagePullPolicy: corev1.PullNever,
+				Command:      []string{"sh", "-c", stamp + "; " + s.script + "; " + stamp},
+				VolumeMounts: []corev1.VolumeMount{{Name: "cache", MountPath: "/cache"}}}},
+			Volumes: []corev1.Volume{{Name: "cache", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}},
+		},
+	}
+	if s.cache != "" {
+		p.Labels["layercache.io/cache"], p.Labels["layercache.io/trust"] = s.cache, s.trust
+	}
+	if s.hostSrc {
+		p.Spec.Volumes = append(p.Spec.Volumes,
+			corev1.Volume{Name: "src", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: filepath.Join(b.hostDir, "src")}}},
+			corev1.Volume{Name: "archive", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: b.hostDir}}})
+		mounts := []corev1.VolumeMount{{Name: "cache", MountPath: "/cache"}, {Name: "src", MountPath: "/src", ReadOnly: true},
+			{Name: "archive", MountPath: "/src-archive", ReadOnly: true}}
+		p.Spec.Containers[0].VolumeMounts = mounts
+		if s.init != "" {
+			p.Spec.InitContainers = []corev1.Container{{Name: "restore", Image: "localhost/busybox:dev", ImagePullPolicy: corev1.PullNever,
+				Command: []string{"sh", "-c", s.init}, VolumeMounts: mounts}}
+		}
+	}
+	created := uptime()
+	if _, err := b.cs.CoreV1().Pods(ns).Create(b.ctx, p, metav1.CreateOptions{}); err != nil {
+		return timing{}, err
+	}
+	for deadline := time.Now().Add(10 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
+		got, err := b.cs.CoreV1().Pods(ns).Get(b.ctx, name, metav1.GetOptions{})
+		if err != nil {
+			return timing{}, err
+		}
+		if got.Status.Phase == corev1.PodFailed {
+			return timing{}, fmt.Errorf("pod %s failed", name)
+		}
+		if got.Status.Phase == corev1.PodSucceeded {
+			break
+		}
+		if time.Now().After(deadline) {
+			return timing{}, fmt.Errorf("pod %s did not finish", name)
+		}
+	}
+	raw, err := b.cs.CoreV1().Pods(ns).GetLogs(name, &corev1.PodLogOptions{Container: "main"}).DoRaw(b.ctx)
+	if err != nil {
+		return timing{}, err
+	}
+	lines := strings.Fields(string(raw))
+	if len(lines) < 2 {
+		return timing{}, fmt.Errorf("pod %s: no timestamps in %q", name, raw)
+	}
+	start, err1 := strconv.ParseFloat(lines[0], 64)
+	end, err2 := strconv.ParseFloat(lines[len(lines)-1], 64)
+	if err1 != nil || err2 != nil {
+		return timing{}, fmt.Errorf("pod %s: bad timestamps in %q", name, raw)
+	}
+	b.cs.CoreV1().Pods(ns).Delete(b.ctx, name, metav1.DeleteOptions{})
+	return timing{seconds(start - created), seconds(end - created)}, nil
+}
+
+func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
+
+func uptime() float64 {
+	data, err := os.ReadFile("/proc/uptime")
+	if err != nil {
+		panic(err)
+	}
+	v, _ := strconv.ParseFloat(strings.Fields(string(data))[0], 64)
+	return v
+}
+
+func ptr[T any](v T) *T { return &v }
+
+// waitCommitted waits until the node reports the cache committed.
+func (b *bench) waitCommitted() error {
+	for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(time.Second) {
+		raw, err := b.cs.Discovery().RESTClient().Get().AbsPath("/apis/layercache.io/v1alpha1/namespaces", ns, "caches", cache).DoRaw(b.ctx)
+		if err == nil && strings.Contains(string(raw), `"nodeNames":`) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("the cache was not committed")
+		}
+	}
+}
+
+// generate writes size bytes in files files (random, incompressible),
+// 100 per directory.
+func generate(dir string, size int64, files int) error {
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return err
+	}
+	rng := rand.New(rand.NewChaCha8([32]byte{7}))
+	avg := size / int64(files)
+	buf := make([]byte, 2*avg+8)
+	for i := range files {
+		n := avg/2 + rng.Int64N(avg+1)
+		for j := 0; j+8 <= int(n); j += 8 {
+			v := rng.Uint64()
+			for k := range 8 {
+				buf[j+k] = byte(v >> (8 * k))
+			}
+		}
+		d := filepath.Join(dir, fmt.Sprintf("d%04d", i/100))
+		if i%100 == 0 {
+			if err := os.MkdirAll(d, 0o755); err != nil {
+				return err
+			}
+		}
+		if err := os.WriteFile(filepath.Join(d, fmt.Sprintf("f%06d", i)), buf[:n], 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
