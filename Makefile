@@ -71,7 +71,8 @@ lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 
 .PHONY: test
 test: lint check-generated envtest-assets test-e2e ## Run every test (as root: overlays, a real cluster).
-	KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./...
+	@rc=0; KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./... || rc=$$?; \
+	hack/reap-envtest.sh; exit $$rc
 
 .PHONY: test-e2e
 test-e2e: ## On a real local cluster: smoke test, install, the e2e suite, teardown checked clean (root).
