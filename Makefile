@@ -65,7 +65,8 @@ vet: ## Run go vet (the e2e suite included).
 
 .PHONY: lint
 lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
-	@unformatted=$$(gofmt -l $$(git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*')); \
+	@unformatted=$$(gofmt -l $$( { git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*'; } | \
+		while read -r f; do [ -f "$$f" ] && echo "$$f"; done)); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed on: $$unformatted"; exit 1; fi
 	$(STATICCHECK) -tags e2e ./...
 

@@ -14,8 +14,6 @@ const (
 	// FinalizerPVCProtection is the finalizer Kubernetes holds on a claim
 	// while a pod that exists uses it.
 	FinalizerPVCProtection = "kubernetes.io/pvc-protection"
-	// AnnotationCommitOnFailure on a PV copies the pod's opt-in.
-	AnnotationCommitOnFailure = "layercache.io/commit-on-failure"
 	// PhaseDeleted is recorded for a pod deleted before it ended.
 	PhaseDeleted = "Deleted"
 )

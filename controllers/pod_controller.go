@@ -238,6 +238,6 @@ func (r *PodReconciler) recordOnPV(ctx context.Context, name string, pod *corev1
 	commitOnFailure := pod.Annotations[v1alpha1.AnnotationCommitOnFailure] == "true"
 	patch := client.MergeFrom(pv.DeepCopy())
 	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationPodPhase, phase)
-	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, AnnotationCommitOnFailure, fmt.Sprint(commitOnFailure))
+	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationCommitOnFailure, fmt.Sprint(commitOnFailure))
 	return client.IgnoreNotFound(r.Patch(ctx, pv, patch))
 }

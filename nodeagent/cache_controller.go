@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -85,9 +86,23 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 		if idle >= ttl.Duration {
 			return r.evict(ctx, c, key, fmt.Sprintf("unused for %s (ttl %s)", idle.Round(time.Second), ttl.Duration))
 		}
-		return ctrl.Result{RequeueAfter: ttl.Duration - idle}, ensureCacheAndReport(ctx, r.Client, r.Store, r.NodeName, key)
+		return ctrl.Result{RequeueAfter: ttl.Duration - idle}, r.reportIfStale(ctx, c, key, info)
 	}
-	return ctrl.Result{}, ensureCacheAndReport(ctx, r.Client, r.Store, r.NodeName, key)
+	return ctrl.Result{}, r.reportIfStale(ctx, c, key, info)
+}
+
+// reportIfStale reports this node's entry when it is missing or disagrees
+// with the head on disk. Measuring the cache walks every layer (0.12 s for
+// 50,000 files), and most Cache events (the manager's summary, a spec
+// change) change nothing here; sizes are refreshed by the maintenance pass
+// after GC, when they change.
+func (r *CacheReconciler) reportIfStale(ctx context.Context, c *v1alpha1.Cache, key engine.Key, info engine.CacheInfo) error {
+	n := findNode(c.Status.Nodes, r.NodeName)
+	if n != nil && info.Head != nil && n.Generation == info.Head.Number && int(n.Layers) == len(info.Head.Layers) &&
+		controllerutil.ContainsFinalizer(c, finalizer(r.NodeName)) {
+		return nil
+	}
+	return ensureCacheAndReport(ctx, r.Client, r.Store, r.NodeName, key)
 }
 
 // evict deletes the cache's data on this node and withdraws the node from
@@ -229,7 +244,7 @@ func findNode(nodes []v1alpha1.NodeCacheStatus, node string) *v1alpha1.NodeCache
 // server-side apply: each node owns its own entry of the list (keyed by
 // node), so nodes never conflict.
 func applyNodeEntry(ctx context.Context, c client.Client, node string, key engine.Key, entry *v1alpha1.NodeCacheStatus) error {
-	raw, err := runtimeToMap(entry)
+	raw, err := runtime.DefaultUnstructuredConverter.ToUnstructured(entry)
 	if err != nil {
 		return err
 	}

@@ -93,6 +93,13 @@ func (m *Maintenance) Pass(ctx context.Context) {
 	} else if res != (engine.GCResult{}) {
 		log.Info("GC", "layers", res.Layers, "generations", res.Generations, "caches", res.Caches, "temporary", res.Temporary)
 	}
+	// Sizes change when GC frees layers: report them here, not on every
+	// Cache event.
+	for _, k := range keys {
+		if err := ensureCacheAndReport(ctx, m.Caches.Client, m.Store, m.Caches.NodeName, k); err != nil {
+			log.Error(err, "Reporting the cache failed", "cache", k.String())
+		}
+	}
 	if m.DiskBudget > 0 {
 		if err := m.enforceBudget(ctx, keys); err != nil {
 			log.Error(err, "Enforcing the disk budget failed")

@@ -125,7 +125,7 @@ func (s *nodeSuite) release(pv *corev1.PersistentVolume, phase string, commitOnF
 	patch := client.MergeFrom(pv.DeepCopy())
 	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationPodPhase, phase)
 	if commitOnFailure {
-		metav1.SetMetaDataAnnotation(&pv.ObjectMeta, annotationCommitOnFailure, "true")
+		metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationCommitOnFailure, "true")
 	}
 	if err := s.c.Patch(s.ctx, pv, patch); err != nil {
 		s.t.Fatal(err)

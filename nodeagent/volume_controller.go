@@ -27,7 +27,6 @@ const (
 	ReasonCacheEvicted = "CacheEvicted"
 	ReasonCacheDeleted = "CacheDeleted"
 
-	annotationCommitOnFailure = "layercache.io/commit-on-failure"
 	// waitUnpublished is how often a released PV is checked until the
 	// kubelet has unmounted its volume.
 	waitUnpublished = 2 * time.Second
@@ -129,7 +128,7 @@ func (r *VolumeReconciler) finishCacheVolume(ctx context.Context, pv *corev1.Per
 		return err
 	}
 	phase := pv.Annotations[v1alpha1.AnnotationPodPhase]
-	commitOnFailure := pv.Annotations[annotationCommitOnFailure] == "true"
+	commitOnFailure := pv.Annotations[v1alpha1.AnnotationCommitOnFailure] == "true"
 	ok := phase == string(corev1.PodSucceeded) || (phase == string(corev1.PodFailed) && commitOnFailure)
 	cache := &v1alpha1.Cache{}
 	cacheErr := r.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, cache)
