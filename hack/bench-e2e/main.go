@@ -1,10 +1,16 @@
-// Command bench-e2e measures what a build pod sees on the local cluster:
-// the time from pod creation to its container's start, and to the end of a
-// workload that reads every file of a warm cache, for a layercache volume,
-// for the same pod restoring the cache by copy (an init container copying
-// from a hostPath, the local-path way) or by tar -x of an archive, and for
-// an empty emptyDir (the floor). Medians over --runs; run by make bench-e2e
-// on a cluster with layercache installed (config/local).
+// Command bench-e2e measures what a build pod sees on the local cluster.
+//
+// Synthetic: the time from pod creation to its container's start, and to
+// the end of a workload that reads every file of a warm cache, for a
+// layercache volume, for the same pod restoring the cache by copy (an init
+// container copying from a hostPath, the local-path way) or by tar -x of an
+// archive, and for an empty emptyDir (the floor).
+//
+// Build: a real go build of layercache itself with GOCACHE on the volume,
+// cold, warm through layercache and warm through a copy (build.go).
+//
+// Medians over --runs; run by make bench-e2e on a cluster with layercache
+// installed (config/local) and the Go toolchain image imported.
 package main
 
 import (
@@ -37,6 +43,7 @@ const (
 
 type config struct {
 	kubeconfig, hostDir string
+	repo, parts         string
 	size                int64
 	files, runs         int
 }
@@ -49,6 +56,8 @@ func main() {
 	flag.StringVar(&size, "size", "1GiB", "cache size (GiB or MiB)")
 	flag.IntVar(&c.files, "files", 50000, "files in the cache")
 	flag.IntVar(&c.runs, "runs", 5, "runs per variant (medians)")
+	flag.StringVar(&c.parts, "parts", "synthetic,build", "what to measure: synthetic (pod start and a full read of a warm cache), build (a real Go build)")
+	flag.StringVar(&c.repo, "repo", ".", "the layercache repository the real build compiles (its HEAD, vendored)")
 	flag.Parse()
 	var err error
 	if c.size, err = parseSize(size); err == nil {
@@ -74,9 +83,10 @@ func parseSize(s string) (int64, error) {
 
 type bench struct {
 	config
-	cs  kubernetes.Interface
-	ctx context.Context
-	n   int
+	cs     kubernetes.Interface
+	ctx    context.Context
+	n      int
+	missed []string
 }
 
 func run(ctx context.Context, c config) error {
@@ -89,24 +99,56 @@ func run(ctx context.Context, c config) error {
 		return err
 	}
 	b := &bench{config: c, cs: cs, ctx: ctx}
+	known := map[string]func() error{"synthetic": b.synthetic, "build": b.realBuild}
+	parts := strings.Split(c.parts, ",")
+	for _, part := range parts {
+		if known[part] == nil {
+			return fmt.Errorf("--parts: unknown part %q (want synthetic, build or both)", part)
+		}
+	}
 	defer b.cleanup()
 	if err := b.setup(); err != nil {
 		return err
 	}
-	label := fmt.Sprintf("%.1f GiB / %d files", float64(c.size)/(1<<30), c.files)
+	for _, part := range parts {
+		if err := known[part](); err != nil {
+			return fmt.Errorf("%s: %w", part, err)
+		}
+	}
+	if len(b.missed) > 0 {
+		return fmt.Errorf("targets missed: %s", strings.Join(b.missed, "; "))
+	}
+	return nil
+}
+
+// check prints whether a target is met and remembers the missed ones.
+func (b *bench) check(cond bool, format string, args ...any) {
+	what, mark := fmt.Sprintf(format, args...), "met"
+	if !cond {
+		mark, b.missed = "MISSED", append(b.missed, what)
+	}
+	fmt.Printf("target %s: %s\n", mark, what)
+}
+
+// synthetic measures pod start and a full read of a warm cache of
+// --size bytes in --files files.
+func (b *bench) synthetic() error {
+	label := fmt.Sprintf("%.1f GiB / %d files", float64(b.size)/(1<<30), b.files)
 	fmt.Fprintf(os.Stderr, "generating the %s source on the node...\n", label)
-	if err := generate(filepath.Join(c.hostDir, "src"), c.size, c.files); err != nil {
+	if err := generate(filepath.Join(b.hostDir, "src"), b.size, b.files); err != nil {
 		return err
 	}
-	if out, err := exec.Command("tar", "-C", filepath.Join(c.hostDir, "src"), "-cf", filepath.Join(c.hostDir, "cache.tar"), ".").CombinedOutput(); err != nil {
+	if out, err := exec.Command("tar", "-C", filepath.Join(b.hostDir, "src"), "-cf", filepath.Join(b.hostDir, "cache.tar"), ".").CombinedOutput(); err != nil {
 		return fmt.Errorf("tar: %s: %w", out, err)
 	}
 	fmt.Fprintln(os.Stderr, "filling the layercache cache from it (one committed build)...")
-	if _, err := b.pod("fill", podSpec{cache: cache, trust: "write", sa: "builder", hostSrc: true,
+	src := []hostMount{{host: filepath.Join(b.hostDir, "src"), path: "/src", readOnly: true},
+		{host: b.hostDir, path: "/src-archive", readOnly: true}}
+	if _, err := b.pod("fill", podSpec{cache: cache, trust: "write", sa: "builder", hostMounts: src,
 		script: "cp -a /src/. /cache/"}); err != nil {
 		return err
 	}
-	if err := b.waitCommitted(); err != nil {
+	if err := b.waitCommitted(cache); err != nil {
 		return err
 	}
 
@@ -116,16 +158,16 @@ func run(ctx context.Context, c config) error {
 		spec podSpec
 	}{
 		{"layercache (warm cache)", podSpec{cache: cache, trust: "read"}},
-		{"copy from a hostPath (init container cp -a)", podSpec{hostSrc: true, init: "cp -a /src/. /cache/"}},
-		{"tar -x of an archive (init container)", podSpec{hostSrc: true, init: "tar -xf /src-archive/cache.tar -C /cache"}},
+		{"copy from a hostPath (init container cp -a)", podSpec{hostMounts: src, init: "cp -a /src/. /cache/"}},
+		{"tar -x of an archive (init container)", podSpec{hostMounts: src, init: "tar -xf /src-archive/cache.tar -C /cache"}},
 		{"empty emptyDir (floor)", podSpec{}},
 	}
 	type result struct{ start, end time.Duration }
 	results := map[string]result{}
 	for _, v := range variants {
 		var starts, ends []time.Duration
-		for r := range c.runs {
-			fmt.Fprintf(os.Stderr, "%s, run %d/%d...\n", v.name, r+1, c.runs)
+		for r := range b.runs {
+			fmt.Fprintf(os.Stderr, "%s, run %d/%d...\n", v.name, r+1, b.runs)
 			spec := v.spec
 			spec.script = read
 			t, err := b.pod("run", spec)
@@ -137,7 +179,7 @@ func run(ctx context.Context, c config) error {
 		results[v.name] = result{median(starts), median(ends)}
 	}
 	lc, cp, floor := results[variants[0].name], results[variants[1].name], results[variants[3].name]
-	fmt.Printf("Pod on the local cluster (1 node, 2 cores), warm cache of %s; medians of %d runs.\n\n", label, c.runs)
+	fmt.Printf("Pod on the local cluster (1 node, 2 cores), warm cache of %s; medians of %d runs.\n\n", label, b.runs)
 	fmt.Println("| volume | pod created → container started | → every file read | start vs copy |")
 	fmt.Println("|---|---|---|---|")
 	for _, v := range variants {
@@ -145,19 +187,8 @@ func run(ctx context.Context, c config) error {
 		fmt.Printf("| %s | %s | %s | %.1fx |\n", v.name, sec(r.start), sec(r.end), float64(cp.start)/float64(r.start))
 	}
 	fmt.Println()
-	ok := true
-	check := func(cond bool, format string, args ...any) {
-		mark := "met"
-		if !cond {
-			mark, ok = "MISSED", false
-		}
-		fmt.Printf("target %s: %s\n", mark, fmt.Sprintf(format, args...))
-	}
-	check(float64(cp.start) >= 10*float64(lc.start), "layercache start at least 10x faster than the copy baseline (%.1fx)", float64(cp.start)/float64(lc.start))
-	check(lc.start-floor.start <= 2*time.Second, "layercache start within 2 s of the emptyDir floor (+%s)", sec(lc.start-floor.start))
-	if !ok {
-		return fmt.Errorf("targets missed")
-	}
+	b.check(float64(cp.start) >= 10*float64(lc.start), "layercache start at least 10x faster than the copy baseline (%.1fx)", float64(cp.start)/float64(lc.start))
+	b.check(lc.start-floor.start <= 2*time.Second, "layercache start within 2 s of the emptyDir floor (+%s)", sec(lc.start-floor.start))
 	return nil
 }
 
@@ -204,9 +235,17 @@ func (b *bench) cleanup() {
 }
 
 type podSpec struct {
+	image            string // busybox by default
+	env              []corev1.EnvVar
 	cache, trust, sa string
-	hostSrc          bool
+	hostMounts       []hostMount
 	init, script     string
+}
+
+// hostMount mounts a directory of the node into the pod's containers.
+type hostMount struct {
+	host, path string
+	readOnly   bool
 }
 
 type timing struct{ start, end time.Duration }
@@ -216,30 +255,33 @@ type timing struct{ start, end time.Duration }
 func (b *bench) pod(prefix string, s podSpec) (timing, error) {
 	b.n++
 	name := fmt.Sprintf("%s-%d", prefix, b.n)
+	image := s.image
+	if image == "" {
+		image = "localhost/busybox:dev"
+	}
+	mounts := []corev1.VolumeMount{{Name: "cache", MountPath: "/cache"}}
+	volumes := []corev1.Volume{{Name: "cache", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}}
+	for i, m := range s.hostMounts {
+		v := fmt.Sprintf("host%d", i)
+		volumes = append(volumes, corev1.Volume{Name: v, VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: m.host}}})
+		mounts = append(mounts, corev1.VolumeMount{Name: v, MountPath: m.path, ReadOnly: m.readOnly})
+	}
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Labels: map[string]string{}},
 		Spec: corev1.PodSpec{
 			RestartPolicy: corev1.RestartPolicyNever, ServiceAccountName: s.sa, TerminationGracePeriodSeconds: ptr(int64(1)),
-			Containers: []corev1.Container{{Name: "main", Image: "localhost/busybox:dev", ImagePullPolicy: corev1.PullNever,
+			Containers: []corev1.Container{{Name: "main", Image: image, ImagePullPolicy: corev1.PullNever, Env: s.env,
 				Command:      []string{"sh", "-c", stamp + "; " + s.script + "; " + stamp},
-				VolumeMounts: []corev1.VolumeMount{{Name: "cache", MountPath: "/cache"}}}},
-			Volumes: []corev1.Volume{{Name: "cache", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}},
+				VolumeMounts: mounts}},
+			Volumes: volumes,
 		},
 	}
 	if s.cache != "" {
 		p.Labels["layercache.io/cache"], p.Labels["layercache.io/trust"] = s.cache, s.trust
 	}
-	if s.hostSrc {
-		p.Spec.Volumes = append(p.Spec.Volumes,
-			corev1.Volume{Name: "src", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: filepath.Join(b.hostDir, "src")}}},
-			corev1.Volume{Name: "archive", VolumeSource: corev1.VolumeSource{HostPath: &corev1.HostPathVolumeSource{Path: b.hostDir}}})
-		mounts := []corev1.VolumeMount{{Name: "cache", MountPath: "/cache"}, {Name: "src", MountPath: "/src", ReadOnly: true},
-			{Name: "archive", MountPath: "/src-archive", ReadOnly: true}}
-		p.Spec.Containers[0].VolumeMounts = mounts
-		if s.init != "" {
-			p.Spec.InitContainers = []corev1.Container{{Name: "restore", Image: "localhost/busybox:dev", ImagePullPolicy: corev1.PullNever,
-				Command: []string{"sh", "-c", s.init}, VolumeMounts: mounts}}
-		}
+	if s.init != "" {
+		p.Spec.InitContainers = []corev1.Container{{Name: "restore", Image: "localhost/busybox:dev", ImagePullPolicy: corev1.PullNever,
+			Command: []string{"sh", "-c", s.init}, VolumeMounts: mounts}}
 	}
 	created := uptime()
 	if _, err := b.cs.CoreV1().Pods(ns).Create(b.ctx, p, metav1.CreateOptions{}); err != nil {
@@ -251,7 +293,8 @@ func (b *bench) pod(prefix string, s podSpec) (timing, error) {
 			return timing{}, err
 		}
 		if got.Status.Phase == corev1.PodFailed {
-			return timing{}, fmt.Errorf("pod %s failed", name)
+			raw, _ := b.cs.CoreV1().Pods(ns).GetLogs(name, &corev1.PodLogOptions{Container: "main", TailLines: ptr(int64(20))}).DoRaw(b.ctx)
+			return timing{}, fmt.Errorf("pod %s failed; its last lines:\n%s", name, raw)
 		}
 		if got.Status.Phase == corev1.PodSucceeded {
 			break
@@ -291,14 +334,14 @@ func uptime() float64 {
 func ptr[T any](v T) *T { return &v }
 
 // waitCommitted waits until the node reports the cache committed.
-func (b *bench) waitCommitted() error {
+func (b *bench) waitCommitted(cache string) error {
 	for deadline := time.Now().Add(5 * time.Minute); ; time.Sleep(time.Second) {
 		raw, err := b.cs.Discovery().RESTClient().Get().AbsPath("/apis/layercache.io/v1alpha1/namespaces", ns, "caches", cache).DoRaw(b.ctx)
 		if err == nil && strings.Contains(string(raw), `"nodeNames":`) {
 			return nil
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("the cache was not committed")
+			return fmt.Errorf("cache %s was not committed", cache)
 		}
 	}
 }

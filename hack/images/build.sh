@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
-# Writes the cluster's container images as OCI layout tarballs into
-# bin/images, without a daemon or a registry:
+# Writes the cluster's container images as OCI layout tarballs, without a
+# daemon or a registry. With no argument, into bin/images:
 #   registry.k8s.io/pause:3.10        the sandbox image containerd expects
 #   localhost/busybox:dev             Debian's busybox-static, for test pods
 #   localhost/layercache/NAME:dev     one per project binary in cmd/
+# With `golang`, only bin/bench/golang.tar (for make bench-e2e):
+#   localhost/golang:dev              busybox plus this machine's Go toolchain
 # Reproducible: the same sources give the same digests (printed).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 out=$repo/bin/images
+[ "${1:-}" = golang ] && out=$repo/bin/bench
 work=$out/.work
 rm -rf "$work"
 mkdir -p "$work" "$out"
@@ -23,23 +26,41 @@ layout() { # NAME REF ROOTFS FLAGS...
   find "$root" -exec touch -h -d @0 {} +
   go run ./hack/images/ocilayout --ref "$ref" --out "$out/$name.tar" "$@" "$root"
 }
+busybox_root() { # DIR: busybox-static with its applets, a passwd and a /tmp
+  local bb=$1 applet
+  [ -x /bin/busybox ] || "$repo/hack/cluster/install-deps.sh"
+  mkdir -p "$bb"/{bin,etc,tmp,proc,sys,dev,root}
+  chmod 1777 "$bb/tmp"
+  install -m 0755 /bin/busybox "$bb/bin/busybox"
+  for applet in $(/bin/busybox --list); do
+    [ "$applet" = busybox ] || ln -s busybox "$bb/bin/$applet"
+  done
+  printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$bb/etc/passwd"
+  printf 'root:x:0:\nnobody:x:65534:\n' > "$bb/etc/group"
+  chmod 0644 "$bb/etc/passwd" "$bb/etc/group"
+}
+
+if [ "${1:-}" = golang ]; then
+  # What `go build` needs of GOROOT: the tools, the standard library's
+  # sources, go.env and VERSION (no tests, docs or API files).
+  goroot=$(go env GOROOT)
+  root=$work/golang
+  busybox_root "$root"
+  mkdir -p "$root/usr/local/go"
+  for part in bin pkg src lib go.env VERSION; do
+    cp -a "$goroot/$part" "$root/usr/local/go/"
+  done
+  layout golang localhost/golang:dev "$root" --cmd sh \
+    --env PATH=/usr/local/go/bin:/bin,GOTOOLCHAIN=local,CGO_ENABLED=0,GOPROXY=off
+  exit 0
+fi
 
 mkdir -p "$work/pause"
 gobuild "$work/pause/pause" ./hack/images/pause
 layout pause registry.k8s.io/pause:3.10 "$work/pause" --entrypoint /pause
 
-[ -x /bin/busybox ] || "$repo/hack/cluster/install-deps.sh"
-bb=$work/busybox
-mkdir -p "$bb"/{bin,etc,tmp,proc,sys,dev,root}
-chmod 1777 "$bb/tmp"
-install -m 0755 /bin/busybox "$bb/bin/busybox"
-for applet in $(/bin/busybox --list); do
-  [ "$applet" = busybox ] || ln -s busybox "$bb/bin/$applet"
-done
-printf 'root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n' > "$bb/etc/passwd"
-printf 'root:x:0:\nnobody:x:65534:\n' > "$bb/etc/group"
-chmod 0644 "$bb/etc/passwd" "$bb/etc/group"
-layout busybox localhost/busybox:dev "$bb" --cmd sh
+busybox_root "$work/busybox"
+layout busybox localhost/busybox:dev "$work/busybox" --cmd sh
 
 for dir in cmd/*/; do
   name=$(basename "$dir")

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Imports the images of bin/images into the local cluster's containerd.
+# Imports OCI layout tarballs into the local cluster's containerd: the files
+# given, or every image of bin/images.
 set -euo pipefail
 . "$(dirname "$0")/../cluster/lib.sh"
 running containerd || die "the local cluster's containerd is not running (make cluster-up)"
-for img in "$REPO_ROOT"/bin/images/*.tar; do
-  [ -e "$img" ] || die "no images in bin/images (make images)"
+[ $# -gt 0 ] || set -- "$REPO_ROOT"/bin/images/*.tar
+for img in "$@"; do
+  [ -e "$img" ] || die "no image $img (make images)"
   ctr_ images import "$img" >/dev/null
 done
 log "imported: $(ctr_ images ls -q | grep -v '^sha256:' | tr '\n' ' ')"
