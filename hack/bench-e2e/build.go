@@ -119,11 +119,11 @@ func (b *bench) realBuild() error {
 	coldR, warm := results[cold.name], results[variants[1].name]
 	fmt.Printf("\n`go build ./cmd/...` of layercache (vendored) in a pod on the local cluster (1 node, 2 cores), "+
 		"GOCACHE on the pod's volume; the warm GOCACHE is %.2f GiB in %d files; medians of %d runs.\n\n", float64(size)/(1<<30), files, b.runs)
-	fmt.Println("| GOCACHE | go build | pod created → build done | pod time vs cold |")
+	fmt.Println("| GOCACHE | go build | pod created → build done | cold ÷ this, pod time |")
 	fmt.Println("|---|---|---|---|")
 	for _, v := range variants {
 		r := results[v.name]
-		fmt.Printf("| %s | %s | %s | %.1fx faster |\n", v.name, sec(r.build), sec(r.total), float64(coldR.total)/float64(r.total))
+		fmt.Printf("| %s | %s | %s | %.1fx |\n", v.name, sec(r.build), sec(r.total), float64(coldR.total)/float64(r.total))
 	}
 	fmt.Println()
 	b.check(float64(coldR.total) >= 5*float64(warm.total), "the warm build through layercache at least 5x faster than the cold one, pod time (%.1fx)",
