@@ -60,7 +60,11 @@ func main() {
 	flag.StringVar(&c.repo, "repo", ".", "the layercache repository the real build compiles (its HEAD, vendored)")
 	flag.Parse()
 	var err error
-	if c.size, err = parseSize(size); err == nil {
+	c.size, err = parseSize(size)
+	if err == nil && c.runs < 1 {
+		err = fmt.Errorf("--runs %d: want at least 1", c.runs)
+	}
+	if err == nil {
 		err = run(context.Background(), c)
 	}
 	if err != nil {
@@ -298,6 +302,11 @@ func (b *bench) pod(prefix string, s podSpec) (timing, error) {
 		}
 		if got.Status.Phase == corev1.PodSucceeded {
 			break
+		}
+		for _, st := range append(got.Status.InitContainerStatuses, got.Status.ContainerStatuses...) {
+			if w := st.State.Waiting; w != nil && w.Reason == "ErrImageNeverPull" {
+				return timing{}, fmt.Errorf("pod %s: image %s is not on the node (make bench-e2e builds and imports it)", name, st.Image)
+			}
 		}
 		if time.Now().After(deadline) {
 			return timing{}, fmt.Errorf("pod %s did not finish", name)
