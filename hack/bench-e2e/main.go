@@ -166,21 +166,15 @@ func (b *bench) synthetic() error {
 		{"tar -x of an archive (init container)", podSpec{hostMounts: src, init: "tar -xf /src-archive/cache.tar -C /cache"}},
 		{"empty emptyDir (floor)", podSpec{}},
 	}
-	type result struct{ start, end time.Duration }
-	results := map[string]result{}
+	results := map[string]timing{}
 	for _, v := range variants {
-		var starts, ends []time.Duration
-		for r := range b.runs {
-			fmt.Fprintf(os.Stderr, "%s, run %d/%d...\n", v.name, r+1, b.runs)
-			spec := v.spec
-			spec.script = read
-			t, err := b.pod("run", spec)
-			if err != nil {
-				return fmt.Errorf("%s: %w", v.name, err)
-			}
-			starts, ends = append(starts, t.start), append(ends, t.end)
+		spec := v.spec
+		spec.script = read
+		ts, err := b.series("run", v.name, func(int) podSpec { return spec })
+		if err != nil {
+			return err
 		}
-		results[v.name] = result{median(starts), median(ends)}
+		results[v.name] = medians(ts)
 	}
 	lc, cp, floor := results[variants[0].name], results[variants[1].name], results[variants[3].name]
 	fmt.Printf("Pod on the local cluster (1 node, 2 cores), warm cache of %s; medians of %d runs.\n\n", label, b.runs)
@@ -194,6 +188,30 @@ func (b *bench) synthetic() error {
 	b.check(float64(cp.start) >= 10*float64(lc.start), "layercache start at least 10x faster than the copy baseline (%.1fx)", float64(cp.start)/float64(lc.start))
 	b.check(lc.start-floor.start <= 2*time.Second, "layercache start within 2 s of the emptyDir floor (+%s)", sec(lc.start-floor.start))
 	return nil
+}
+
+// series runs --runs pods, spec(run) for each, and returns their timings.
+func (b *bench) series(prefix, name string, spec func(run int) podSpec) ([]timing, error) {
+	var ts []timing
+	for r := range b.runs {
+		fmt.Fprintf(os.Stderr, "%s, run %d/%d...\n", name, r+1, b.runs)
+		t, err := b.pod(prefix, spec(r))
+		if err != nil {
+			return nil, fmt.Errorf("%s: %w", name, err)
+		}
+		ts = append(ts, t)
+	}
+	return ts, nil
+}
+
+// medians returns the median start, end, and script time (end - start)
+// of a series.
+func medians(ts []timing) timing {
+	var starts, ends, scripts []time.Duration
+	for _, t := range ts {
+		starts, ends, scripts = append(starts, t.start), append(ends, t.end), append(scripts, t.end-t.start)
+	}
+	return timing{median(starts), median(ends), median(scripts)}
 }
 
 func sec(d time.Duration) string { return fmt.Sprintf("%.2f s", d.Seconds()) }
@@ -252,7 +270,9 @@ type hostMount struct {
 	readOnly   bool
 }
 
-type timing struct{ start, end time.Duration }
+// timing is, from a pod's creation, when its main container started and
+// when its script ended; and, for medians, the script's own time.
+type timing struct{ start, end, script time.Duration }
 
 // pod runs one pod to completion and returns, from its creation, when its
 // main container started and when its script ended.
@@ -326,7 +346,7 @@ func (b *bench) pod(prefix string, s podSpec) (timing, error) {
 		return timing{}, fmt.Errorf("pod %s: bad timestamps in %q", name, raw)
 	}
 	b.cs.CoreV1().Pods(ns).Delete(b.ctx, name, metav1.DeleteOptions{})
-	return timing{seconds(start - created), seconds(end - created)}, nil
+	return timing{start: seconds(start - created), end: seconds(end - created)}, nil
 }
 
 func seconds(s float64) time.Duration { return time.Duration(s * float64(time.Second)) }
