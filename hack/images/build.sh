@@ -9,8 +9,11 @@
 # Reproducible: the same sources give the same digests (printed).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
-out=$repo/bin/images
-[ "${1:-}" = golang ] && out=$repo/bin/bench
+case "${1:-}" in
+  "") out=$repo/bin/images ;;
+  golang) out=$repo/bin/bench ;;
+  *) echo "usage: $0 [golang]" >&2; exit 2 ;;
+esac
 work=$out/.work
 rm -rf "$work"
 mkdir -p "$work" "$out"
