@@ -42,7 +42,7 @@ func start(t *testing.T) *suite {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := controllers.Setup(mgr); err != nil {
+	if err := controllers.Setup(mgr, controllers.Options{}); err != nil {
 		t.Fatal(err)
 	}
 	ctx := testenv.RunManager(t, mgr)

@@ -3,7 +3,9 @@ package controllers
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -12,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/apimachinery/pkg/selection"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/klog/v2"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -21,6 +24,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/internal/finalizers"
+	"github.com/layercache/layercache/internal/logs"
 )
 
 // LabelledPods selects the pods layercache cares about; the manager's cache
@@ -41,9 +46,10 @@ func LabelledPods() labels.Selector {
 type PodReconciler struct {
 	client.Client
 	Recorder record.EventRecorder
+	Options  Options
 }
 
-// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch
+// +kubebuilder:rbac:groups="",resources=pods,verbs=get;list;watch;patch
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups="",resources=persistentvolumes,verbs=get;list;watch;create;update;patch
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
@@ -73,9 +79,18 @@ func (r *PodReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.R
 		return ctrl.Result{}, reconcile.TerminalError(err)
 	}
 	if phase, ended := outcome(pod); ended {
+		// Only claims this pod controls are touched: no check needed.
 		return ctrl.Result{}, r.release(ctx, pod, claims, phase)
 	}
-	return ctrl.Result{}, r.ensureClaims(ctx, pod, claims)
+	if err := r.Options.checkClaims(pod, claims); err != nil {
+		r.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonBadClaims, "Annotation %s: %s: no claim is created", v1alpha1.AnnotationClaims, err)
+		return ctrl.Result{}, reconcile.TerminalError(err)
+	}
+	ready, err := r.ensureClaims(ctx, pod, claims)
+	if err != nil || !ready {
+		return ctrl.Result{}, err
+	}
+	return ctrl.Result{}, r.ungate(ctx, pod)
 }
 
 // PodClaims reads the claims the webhook recorded on a pod.
@@ -130,34 +145,55 @@ func endedBeforeDeletion(pod *corev1.Pod) bool {
 	return !last.IsZero() && last.Before(began)
 }
 
-func (r *PodReconciler) ensureClaims(ctx context.Context, pod *corev1.Pod, claims []v1alpha1.Claim) error {
+// ensureClaims creates the pod's missing claims. It reports whether every
+// claim now exists and belongs to the pod.
+func (r *PodReconciler) ensureClaims(ctx context.Context, pod *corev1.Pod, claims []v1alpha1.Claim) (bool, error) {
+	ready := true
 	for _, c := range claims {
 		pvc := &corev1.PersistentVolumeClaim{}
 		err := r.Get(ctx, client.ObjectKey{Namespace: pod.Namespace, Name: c.ClaimName}, pvc)
 		if err == nil {
 			if !metav1.IsControlledBy(pvc, pod) {
+				ready = false
 				r.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonClaimConflict,
 					"Claim %s exists and belongs to something else: the pod cannot get its cache volume", c.ClaimName)
 			}
 			continue
 		}
 		if !apierrors.IsNotFound(err) {
-			return err
+			return false, err
 		}
 		pvc, err = newClaim(pod, c)
 		if err != nil {
 			r.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonBadClaims, "Claim %s: %s", c.ClaimName, err)
-			return reconcile.TerminalError(err)
+			return false, reconcile.TerminalError(err)
 		}
 		if err := controllerutil.SetControllerReference(pod, pvc, r.Scheme()); err != nil {
-			return err
+			return false, err
 		}
 		if err := r.Create(ctx, pvc); err != nil && !apierrors.IsAlreadyExists(err) {
-			return fmt.Errorf("creating claim %s: %w", c.ClaimName, err)
+			return false, fmt.Errorf("creating claim %s: %w", c.ClaimName, err)
 		}
-		logf.FromContext(ctx).Info("Created claim", "persistentVolumeClaim", c.ClaimName, "cache", c.Cache, "trust", c.Trust)
+		logf.FromContext(ctx).Info("Created claim", "persistentVolumeClaim", klog.KObj(pvc), "cache", c.Cache, "trust", c.Trust)
 		r.Recorder.Eventf(pod, corev1.EventTypeNormal, ReasonClaimCreated, "Created claim %s for cache %s (%s)", c.ClaimName, c.Cache, c.Trust)
 	}
+	return ready, nil
+}
+
+// ungate removes the webhook's scheduling gate: the pod's claims exist,
+// the scheduler may place it. Other gates stay (optimistic lock: a
+// concurrent removal of another gate is never undone).
+func (r *PodReconciler) ungate(ctx context.Context, pod *corev1.Pod) error {
+	ours := func(g corev1.PodSchedulingGate) bool { return g.Name == v1alpha1.SchedulingGate }
+	if !slices.ContainsFunc(pod.Spec.SchedulingGates, ours) {
+		return nil
+	}
+	before := pod.DeepCopy()
+	pod.Spec.SchedulingGates = slices.DeleteFunc(pod.Spec.SchedulingGates, ours)
+	if err := r.Patch(ctx, pod, client.MergeFromWithOptions(before, client.MergeFromWithOptimisticLock{})); err != nil {
+		return client.IgnoreNotFound(err)
+	}
+	logf.FromContext(ctx).V(logs.Extended).Info("Claims exist: removed the scheduling gate", "pod", klog.KObj(pod))
 	return nil
 }
 
@@ -182,48 +218,50 @@ func newClaim(pod *corev1.Pod, c v1alpha1.Claim) (*corev1.PersistentVolumeClaim,
 	}, nil
 }
 
+// release releases every claim of the ended pod; one that is gone
+// meanwhile does not stop the others.
 func (r *PodReconciler) release(ctx context.Context, pod *corev1.Pod, claims []v1alpha1.Claim, phase string) error {
+	var errs []error
 	for _, c := range claims {
-		pvc := &corev1.PersistentVolumeClaim{}
-		err := r.Get(ctx, client.ObjectKey{Namespace: pod.Namespace, Name: c.ClaimName}, pvc)
-		if apierrors.IsNotFound(err) {
-			continue
+		if err := r.releaseClaim(ctx, pod, c, phase); client.IgnoreNotFound(err) != nil {
+			errs = append(errs, fmt.Errorf("releasing claim %s: %w", c.ClaimName, err))
 		}
-		if err != nil {
+	}
+	return errors.Join(errs...)
+}
+
+func (r *PodReconciler) releaseClaim(ctx context.Context, pod *corev1.Pod, c v1alpha1.Claim, phase string) error {
+	pvc := &corev1.PersistentVolumeClaim{}
+	if err := r.Get(ctx, client.ObjectKey{Namespace: pod.Namespace, Name: c.ClaimName}, pvc); err != nil {
+		return err
+	}
+	if !metav1.IsControlledBy(pvc, pod) {
+		return nil
+	}
+	// The outcome goes on the PV first: the node agent reads it there,
+	// after the claim is gone.
+	if pvc.Spec.VolumeName != "" {
+		if err := r.recordOnPV(ctx, pvc.Spec.VolumeName, pod, phase); err != nil {
 			return err
 		}
-		if !metav1.IsControlledBy(pvc, pod) {
-			continue
-		}
-		// The outcome goes on the PV first: the node agent reads it there,
-		// after the claim is gone.
-		if pvc.Spec.VolumeName != "" {
-			if err := r.recordOnPV(ctx, pvc.Spec.VolumeName, pod, phase); err != nil {
-				return err
-			}
-		}
-		if pvc.Annotations[v1alpha1.AnnotationPodPhase] != phase {
-			patch := client.MergeFrom(pvc.DeepCopy())
-			metav1.SetMetaDataAnnotation(&pvc.ObjectMeta, v1alpha1.AnnotationPodPhase, phase)
-			if err := r.Patch(ctx, pvc, patch); err != nil {
-				return client.IgnoreNotFound(err)
-			}
-		}
-		if pvc.DeletionTimestamp == nil {
-			if err := r.Delete(ctx, pvc); client.IgnoreNotFound(err) != nil {
-				return err
-			}
-		}
-		if controllerutil.ContainsFinalizer(pvc, FinalizerPVCProtection) {
-			patch := client.MergeFrom(pvc.DeepCopy())
-			controllerutil.RemoveFinalizer(pvc, FinalizerPVCProtection)
-			if err := r.Patch(ctx, pvc, patch); client.IgnoreNotFound(err) != nil {
-				return err
-			}
-		}
-		logf.FromContext(ctx).Info("Released claim", "persistentVolumeClaim", pvc.Name, "phase", phase)
-		r.Recorder.Eventf(pod, corev1.EventTypeNormal, ReasonReleased, "Pod ended (%s): released claim %s of cache %s", phase, pvc.Name, c.Cache)
 	}
+	if pvc.Annotations[v1alpha1.AnnotationPodPhase] != phase {
+		patch := client.MergeFrom(pvc.DeepCopy())
+		metav1.SetMetaDataAnnotation(&pvc.ObjectMeta, v1alpha1.AnnotationPodPhase, phase)
+		if err := r.Patch(ctx, pvc, patch); err != nil {
+			return err
+		}
+	}
+	if pvc.DeletionTimestamp == nil {
+		if err := r.Delete(ctx, pvc); err != nil {
+			return err
+		}
+	}
+	if _, err := finalizers.Remove(ctx, r.Client, pvc, FinalizerPVCProtection); err != nil {
+		return err
+	}
+	logf.FromContext(ctx).Info("Released claim", "persistentVolumeClaim", klog.KObj(pvc), "phase", phase)
+	r.Recorder.Eventf(pod, corev1.EventTypeNormal, ReasonReleased, "Pod ended (%s): released claim %s of cache %s", phase, pvc.Name, c.Cache)
 	return nil
 }
 

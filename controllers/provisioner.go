@@ -11,6 +11,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/klog/v2"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -78,7 +79,7 @@ func (r *Provisioner) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 		return ctrl.Result{}, fmt.Errorf("creating PV %s: %w", pv.Name, err)
 	}
 	attrs := pv.Spec.CSI.VolumeAttributes
-	logf.FromContext(ctx).Info("Provisioned volume", "persistentVolume", pv.Name, "node", node,
+	logf.FromContext(ctx).Info("Provisioned volume", "persistentVolume", klog.KObj(pv), "node", klog.KRef("", node),
 		"kind", attrs[v1alpha1.AttrKind], "cache", attrs[v1alpha1.AttrCache], "write", attrs[v1alpha1.AttrWrite])
 	r.Recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonProvisioned, "Provisioned %s on node %s (%s)", pv.Name, node, describe(attrs))
 	return ctrl.Result{}, nil

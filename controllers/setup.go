@@ -18,12 +18,10 @@ func CacheOptions() cache.Options {
 }
 
 // Setup registers the manager's reconcilers.
-func Setup(mgr manager.Manager) error {
-	rec := func(name string) *PodReconciler {
-		return &PodReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor(name)}
-	}
+func Setup(mgr manager.Manager, opts Options) error {
+	opts.defaults()
 	return errors.Join(
-		rec("layercache-claims").SetupWithManager(mgr),
+		(&PodReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-claims"), Options: opts}).SetupWithManager(mgr),
 		(&Provisioner{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-provisioner")}).SetupWithManager(mgr),
 		(&CacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr),
 	)

@@ -43,6 +43,12 @@ func TestBuildCacheStory(t *testing.T) {
 	if !strings.Contains(e.events("example-project"), "Committed") {
 		t.Errorf("no Committed event: %s", e.events("example-project"))
 	}
+	// The scheduling gate keeps the scheduler away until the claim exists.
+	for _, pod := range []string{"build-1", "build-2"} {
+		if ev := e.events(pod); strings.Contains(ev, "FailedScheduling") {
+			t.Errorf("%s failed scheduling: %s", pod, ev)
+		}
+	}
 }
 
 // An untrusted writer (no RBAC) reads the cache but cannot change it, and

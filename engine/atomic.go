@@ -70,7 +70,14 @@ func readJSON(path string, v any) error {
 	return nil
 }
 
+// syncDirHook, when set (only by this package's tests), sees every
+// directory that is fsynced.
+var syncDirHook func(path string)
+
 func syncDir(path string) error {
+	if syncDirHook != nil {
+		syncDirHook(path)
+	}
 	d, err := os.Open(path)
 	if err != nil {
 		return err

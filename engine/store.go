@@ -38,6 +38,7 @@ var (
 	ErrMounted     = errors.New("volume is mounted")
 	ErrNotWritable = errors.New("volume is not writable")
 	ErrConflict    = errors.New("conflict")
+	ErrTooLarge    = errors.New("too large")
 )
 
 // Options tune a Store.
@@ -214,6 +215,12 @@ func (s *Store) ensureCacheDirs(k Key) error {
 			return fmt.Errorf("creating cache %s: %w", k, err)
 		}
 	}
+	// The new directories' entries, then the path to them, are made
+	// durable before a layer and a head are written into them: after a
+	// power loss, a first commit is whole or absent, never unreachable.
+	if err := syncDir(dir); err != nil {
+		return err
+	}
 	if err := syncDir(filepath.Dir(dir)); err != nil {
 		return err
 	}
@@ -377,6 +384,33 @@ func (s *Store) generationWithLayer(k Key, id string) (*Generation, error) {
 			return nil, err
 		}
 		if g.Source == "commit" && len(g.Layers) > 0 && g.Layers[len(g.Layers)-1] == id {
+			return &g, nil
+		}
+	}
+	return nil, nil
+}
+
+// CommittedBy returns the generation that volume id's commit made, if it
+// is still on disk (the head, or one that volumes or retention keep), or
+// nil: how a caller that lost track after a commit (a crash, a failed
+// report) finds out what it committed.
+func (s *Store) CommittedBy(k Key, id string) (*Generation, error) {
+	if err := k.Validate(); err != nil {
+		return nil, err
+	}
+	nums, err := s.generationNumbers(k)
+	if err != nil {
+		return nil, err
+	}
+	for i := len(nums) - 1; i >= 0; i-- {
+		g, err := s.generation(k, nums[i])
+		if errors.Is(err, fs.ErrNotExist) {
+			continue // removed by GC meanwhile
+		}
+		if err != nil {
+			return nil, err
+		}
+		if g.Source == "commit" && g.Volume == id {
 			return &g, nil
 		}
 	}

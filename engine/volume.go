@@ -28,6 +28,9 @@ type Volume struct {
 	// upper dir is renamed to. A commit interrupted by a crash is finished
 	// by the next Commit of the same volume.
 	CommitLayer string `json:"commitLayer,omitempty"`
+	// NoCommit, if set, says why the volume's writes must never be
+	// committed (for example: it outgrew its size).
+	NoCommit string `json:"noCommit,omitempty"`
 }
 
 // VolumeOptions parameterise CreateVolume.
@@ -297,12 +300,64 @@ type CommitResult struct {
 	ChainLength int `json:"chainLength,omitempty"`
 }
 
-// Commit makes volume id's upper layer the cache's next generation: the
-// volume's base layers plus the upper dir, renamed into the cache. The head
-// moves atomically and the last writer wins. The volume must be writable
-// and unmounted; it is removed on success. Committing a volume that a crash
-// interrupted finishes that commit.
+// ForbidCommit marks volume id so that its writes are never committed,
+// saying why. It may be mounted.
+func (s *Store) ForbidCommit(id, why string) error {
+	v, err := s.Volume(id)
+	if err != nil {
+		return err
+	}
+	lock, err := s.lockCache(v.Cache)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	if v, err = s.Volume(id); err != nil {
+		return err
+	}
+	if v.CommitLayer != "" {
+		return fmt.Errorf("volume %s is being committed: %w", id, ErrConflict)
+	}
+	if v.NoCommit != "" {
+		return nil
+	}
+	v.NoCommit = why
+	return writeJSONAtomic(s.volumeDir(id), fileVolume, v)
+}
+
+// CommitOptions bound a commit.
+type CommitOptions struct {
+	// MaxBytes, if positive, is the largest the cache's new generation
+	// (its layers, shared files counted once) may be; a larger commit
+	// fails with a *SizeError and leaves the volume as it was.
+	MaxBytes int64
+}
+
+// SizeError says that a commit would make the cache too large. It
+// matches ErrTooLarge.
+type SizeError struct {
+	Bytes, MaxBytes int64
+}
+
+func (e *SizeError) Error() string {
+	return fmt.Sprintf("the cache would be %d bytes, more than its %d", e.Bytes, e.MaxBytes)
+}
+
+// Is makes errors.Is(err, ErrTooLarge) true.
+func (e *SizeError) Is(target error) bool { return target == ErrTooLarge }
+
+// Commit commits volume id with no bound: see CommitWith.
 func (s *Store) Commit(id string) (CommitResult, error) {
+	return s.CommitWith(id, CommitOptions{})
+}
+
+// CommitWith makes volume id's upper layer the cache's next generation:
+// the volume's base layers plus the upper dir, renamed into the cache. The
+// head moves atomically and the last writer wins. The volume must be
+// writable, not forbidden to commit, and unmounted; it is removed on
+// success. Committing a volume that a crash interrupted finishes that
+// commit.
+func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) {
 	v, err := s.Volume(id)
 	if err != nil {
 		return CommitResult{}, err
@@ -320,6 +375,9 @@ func (s *Store) Commit(id string) (CommitResult, error) {
 	}
 	if err := s.ensureUnmounted(id); err != nil {
 		return CommitResult{}, err
+	}
+	if v.NoCommit != "" && v.CommitLayer == "" {
+		return CommitResult{}, fmt.Errorf("committing volume %s: %s: %w", id, v.NoCommit, ErrNotWritable)
 	}
 	failpoint("commit/locked")
 
@@ -340,6 +398,11 @@ func (s *Store) Commit(id string) (CommitResult, error) {
 		}
 		if empty {
 			return CommitResult{}, s.trash(s.volumeDir(id))
+		}
+		if opts.MaxBytes > 0 {
+			if err := s.checkCommitSize(v, opts.MaxBytes); err != nil {
+				return CommitResult{}, err
+			}
 		}
 		failpoint("commit/synced")
 		// Record the intent first: a crash after the rename below is then
@@ -401,4 +464,35 @@ func (s *Store) Commit(id string) (CommitResult, error) {
 		return CommitResult{}, err
 	}
 	return CommitResult{Committed: true, Generation: g.Number, Layer: layer, ChainLength: len(g.Layers)}, nil
+}
+
+// checkCommitSize measures what the generation committing v would hold:
+// v's base layers and its upper dir, files shared between layers counted
+// once.
+func (s *Store) checkCommitSize(v *Volume, maxBytes int64) error {
+	root, err := openRoot(s.root)
+	if err != nil {
+		return err
+	}
+	defer root.Close()
+	total := newCounter()
+	rels := []string{filepath.Join(dirVolumes, v.ID, "upper")}
+	for _, l := range v.Layers {
+		rels = append(rels, filepath.Join(dirCaches, v.Cache.Namespace, v.Cache.Name, dirLayers, l))
+	}
+	for _, rel := range rels {
+		d, err := root.openBeneath(rel)
+		if err != nil {
+			return fmt.Errorf("measuring %s: %w", rel, err)
+		}
+		err = measure(d, total)
+		d.Close()
+		if err != nil {
+			return fmt.Errorf("measuring %s: %w", rel, err)
+		}
+	}
+	if total.bytes > maxBytes {
+		return fmt.Errorf("committing volume %s: %w", v.ID, &SizeError{Bytes: total.bytes, MaxBytes: maxBytes})
+	}
+	return nil
 }

@@ -21,6 +21,7 @@ import (
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/finalizers"
 )
 
 // CacheReconciler is the node side of a Cache: it keeps this node's entry
@@ -111,7 +112,7 @@ func (r *CacheReconciler) evict(ctx context.Context, c *v1alpha1.Cache, key engi
 	if res, err := r.removeData(ctx, c, key); err != nil || !res.IsZero() {
 		return res, err
 	}
-	logf.FromContext(ctx).Info("Evicted cache", "cache", key.String(), "why", why)
+	logf.FromContext(ctx).Info("Evicted cache", "cache", cacheRef(key), "why", why)
 	if c == nil {
 		return ctrl.Result{}, nil
 	}
@@ -163,7 +164,7 @@ func (r *CacheReconciler) removeData(ctx context.Context, _ *v1alpha1.Cache, key
 	err := r.Store.DeleteCache(key)
 	switch {
 	case errors.Is(err, engine.ErrInUse):
-		logf.FromContext(ctx).Info("Cache still in use on this node; deleting its data later", "cache", key.String())
+		logf.FromContext(ctx).Info("Cache still in use on this node; deleting its data later", "cache", cacheRef(key))
 		return ctrl.Result{RequeueAfter: 5 * time.Second}, nil
 	case err != nil && !errors.Is(err, engine.ErrNotFound):
 		return ctrl.Result{}, err
@@ -173,11 +174,8 @@ func (r *CacheReconciler) removeData(ctx context.Context, _ *v1alpha1.Cache, key
 }
 
 func (r *CacheReconciler) dropFinalizer(ctx context.Context, c *v1alpha1.Cache) error {
-	patch := client.MergeFrom(c.DeepCopy())
-	if !controllerutil.RemoveFinalizer(c, finalizer(r.NodeName)) {
-		return nil
-	}
-	return client.IgnoreNotFound(r.Patch(ctx, c, patch))
+	_, err := finalizers.Remove(ctx, r.Client, c, finalizer(r.NodeName))
+	return err
 }
 
 // ensureCacheAndReport creates the Cache if absent (at the first commit),
@@ -207,12 +205,8 @@ func ensureCacheAndReport(ctx context.Context, c client.Client, store *engine.St
 		return err
 	} else if cache.DeletionTimestamp != nil {
 		return nil // being deleted: its CacheReconciler removes the data
-	} else if !controllerutil.ContainsFinalizer(cache, finalizer(node)) {
-		patch := client.MergeFrom(cache.DeepCopy())
-		controllerutil.AddFinalizer(cache, finalizer(node))
-		if err := c.Patch(ctx, cache, patch); err != nil {
-			return err
-		}
+	} else if _, err := finalizers.Add(ctx, c, cache, finalizer(node)); err != nil {
+		return err
 	}
 	h := info.Head
 	created := metav1.NewTime(h.Created)

@@ -19,6 +19,7 @@ import (
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/logs"
 )
 
 // Version is reported to the kubelet.
@@ -102,8 +103,11 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 		write := attrs[v1alpha1.AttrWrite] == "true"
 		owner, pod := attrs[v1alpha1.AttrPodUID], req.GetVolumeContext()[podUIDKey]
-		if write && owner != "" && pod != "" && owner != pod {
-			return nil, status.Errorf(codes.PermissionDenied, "volume %s may be committed and belongs to pod %s, not %s", id, owner, pod)
+		// A volume that may be committed is mounted for its own pod only.
+		// Fail closed: without both UIDs (a PV without an owner, a kubelet
+		// that passes no pod info) nobody can tell whose it is.
+		if write && (owner == "" || pod == "" || owner != pod) {
+			return nil, status.Errorf(codes.PermissionDenied, "volume %s may be committed and belongs to pod %q, not %q", id, owner, pod)
 		}
 		v, err := d.Store.CreateVolume(id, key, engine.VolumeOptions{Writable: write, Labels: map[string]string{
 			LabelPod: attrs[podNamespaceKey] + "/" + attrs[podNameKey], v1alpha1.AttrPodUID: pod,
@@ -122,7 +126,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			start = "warm"
 		}
 		volumeStarts.WithLabelValues(start).Inc()
-		log = log.WithValues("cache", key.String(), "generation", v.Generation, "layers", len(v.Layers), "write", write)
+		log = log.WithValues("cache", cacheRef(key), "generation", v.Generation, "layers", len(v.Layers), "write", write)
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "unknown volume kind %q", attrs[v1alpha1.AttrKind])
 	}
@@ -132,7 +136,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 	}
 	volumeSetupSeconds.Observe(time.Since(start).Seconds())
-	log.Info("Published volume", "seconds", time.Since(start).Seconds())
+	log.V(logs.Extended).Info("Published volume", "seconds", time.Since(start).Seconds())
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
@@ -152,7 +156,7 @@ func (d *Driver) NodeUnpublishVolume(ctx context.Context, req *csi.NodeUnpublish
 	if err := unix.Rmdir(target); err != nil && !errors.Is(err, unix.ENOENT) {
 		return nil, status.Errorf(codes.Internal, "removing %s: %v", target, err)
 	}
-	logf.FromContext(ctx).Info("Unpublished volume", "volume", id, "target", target)
+	logf.FromContext(ctx).V(logs.Extended).Info("Unpublished volume", "volume", id, "target", target)
 	return &csi.NodeUnpublishVolumeResponse{}, nil
 }
 

@@ -150,6 +150,11 @@ func TestCSIRejects(t *testing.T) {
 		{"bad cache name", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(), VolumeContext: bad}, codes.InvalidArgument},
 		{"writer mounted by another pod", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(),
 			VolumeContext: cacheContext(true, "owner-uid", "intruder-uid")}, codes.PermissionDenied},
+		// Fail closed: without both UIDs nobody can tell whose it is.
+		{"writer mounted with no pod UID from the kubelet", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(),
+			VolumeContext: cacheContext(true, "owner-uid", "")}, codes.PermissionDenied},
+		{"writer whose PV names no owner", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(),
+			VolumeContext: cacheContext(true, "", "some-pod-uid")}, codes.PermissionDenied},
 	}
 	for _, tt := range tests {
 		if _, err := node.NodePublishVolume(ctx, tt.req); status.Code(err) != tt.code {

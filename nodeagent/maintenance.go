@@ -62,13 +62,13 @@ func (m *Maintenance) Start(ctx context.Context) error {
 func (m *Maintenance) compact(ctx context.Context, key engine.Key) {
 	res, err := m.Store.CompactIfNeeded(key)
 	if err != nil {
-		logf.FromContext(ctx).Error(err, "Compaction failed", "cache", key.String())
+		logf.FromContext(ctx).Error(err, "Compaction failed", "cache", cacheRef(key))
 		return
 	}
 	if res.Compacted {
-		logf.FromContext(ctx).Info("Compacted", "cache", key.String(), "from", res.From, "generation", res.Generation)
+		logf.FromContext(ctx).Info("Compacted", "cache", cacheRef(key), "from", res.From, "generation", res.Generation)
 		if err := ensureCacheAndReport(ctx, m.Caches.Client, m.Store, m.Caches.NodeName, key); err != nil {
-			logf.FromContext(ctx).Error(err, "Reporting the cache failed", "cache", key.String())
+			logf.FromContext(ctx).Error(err, "Reporting the cache failed", "cache", cacheRef(key))
 		}
 	}
 }
@@ -97,7 +97,7 @@ func (m *Maintenance) Pass(ctx context.Context) {
 	// Cache event.
 	for _, k := range keys {
 		if err := ensureCacheAndReport(ctx, m.Caches.Client, m.Store, m.Caches.NodeName, k); err != nil {
-			log.Error(err, "Reporting the cache failed", "cache", k.String())
+			log.Error(err, "Reporting the cache failed", "cache", cacheRef(k))
 		}
 	}
 	if m.DiskBudget > 0 {
@@ -126,7 +126,7 @@ func (m *Maintenance) removeOrphans(ctx context.Context) error {
 		if points, err := m.Store.MountPoints(v.ID); err != nil || len(points) > 0 {
 			continue
 		}
-		logf.FromContext(ctx).Info("Discarding orphaned volume: its PV is gone", "volume", v.ID, "cache", v.Cache.String())
+		logf.FromContext(ctx).Info("Discarding orphaned volume: its PV is gone", "volume", v.ID, "cache", cacheRef(v.Cache))
 		errs = append(errs, m.Store.Discard(v.ID))
 	}
 	dirs, err := m.Store.HostDirs()

@@ -2,7 +2,10 @@ package nodeagent
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+	"k8s.io/klog/v2"
 	"sigs.k8s.io/controller-runtime/pkg/metrics"
+
+	"github.com/layercache/layercache/engine"
 )
 
 var (
@@ -22,8 +25,12 @@ var (
 	})
 	commits = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "layercache_commits_total",
-		Help: "Released cache volumes by result: committed, denied (not allowed to write), discarded (pod did not succeed, or nothing written), failed.",
+		Help: "Released cache volumes by result: committed, denied (not allowed to write), discarded (pod did not succeed, or nothing written), refused (a size bound broken), failed.",
 	}, []string{"result"})
+	volumeSizeExceeded = prometheus.NewCounter(prometheus.CounterOpts{
+		Name: "layercache_volume_size_exceeded_total",
+		Help: "Cache volumes found holding more writes than their size (their pod is evicted, their writes never committed).",
+	})
 	cacheBytes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "layercache_cache_bytes",
 		Help: "Disk space a cache uses on this node.",
@@ -31,5 +38,9 @@ var (
 )
 
 func init() {
-	metrics.Registry.MustRegister(volumeSetupSeconds, volumeStarts, commitSeconds, commits, cacheBytes)
+	metrics.Registry.MustRegister(volumeSetupSeconds, volumeStarts, commitSeconds, commits, volumeSizeExceeded, cacheBytes)
 }
+
+// cacheRef is the log value of a cache: {"name", "namespace"}, as
+// klog.KObj gives for API objects.
+func cacheRef(k engine.Key) klog.ObjectRef { return klog.KRef(k.Namespace, k.Name) }

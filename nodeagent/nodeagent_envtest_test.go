@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -37,6 +38,7 @@ type nodeSuite struct {
 	dir    string
 	driver *Driver
 	maint  *Maintenance
+	rec    record.EventRecorder
 }
 
 func startNode(t *testing.T) *nodeSuite {
@@ -53,12 +55,12 @@ func startNode(t *testing.T) *nodeSuite {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := Setup(mgr, Options{NodeName: "node-a", Store: store, MaintenanceInterval: time.Hour}); err != nil {
+	if err := Setup(mgr, Options{NodeName: "node-a", Store: store, MaintenanceInterval: time.Hour, SizeCheckInterval: time.Hour}); err != nil {
 		t.Fatal(err)
 	}
 	ctx := testenv.RunManager(t, mgr)
 	caches := &CacheReconciler{Client: env.Client, Store: store, NodeName: "node-a", Recorder: mgr.GetEventRecorderFor("test")}
-	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"},
+	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"}, rec: mgr.GetEventRecorderFor("test"),
 		maint: &Maintenance{APIReader: env.Client, Store: store, Caches: caches, Interval: time.Hour, OrphanGrace: time.Nanosecond}}
 }
 
@@ -213,7 +215,8 @@ func attrs(ns, cache string, write bool) map[string]string {
 	if write {
 		w = "true"
 	}
-	return map[string]string{v1alpha1.AttrKind: "cache", v1alpha1.AttrNamespace: ns, v1alpha1.AttrCache: cache, v1alpha1.AttrWrite: w}
+	return map[string]string{v1alpha1.AttrKind: "cache", v1alpha1.AttrNamespace: ns, v1alpha1.AttrCache: cache, v1alpha1.AttrWrite: w,
+		v1alpha1.AttrPodUID: "uid-of-the-build-pod"}
 }
 
 func TestNodeAgentLifecycle(t *testing.T) {

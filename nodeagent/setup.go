@@ -26,6 +26,9 @@ type Options struct {
 	MaintenanceInterval time.Duration
 	// DiskBudget, if positive, caps the bytes the node's caches use.
 	DiskBudget int64
+	// SizeCheckInterval is how often volume sizes are measured (zero
+	// means DefaultSizeCheckInterval).
+	SizeCheckInterval time.Duration
 }
 
 // CacheOptions restricts a node agent's cache to the PVs of its own node.
@@ -51,6 +54,7 @@ func Setup(mgr manager.Manager, opts Options) error {
 		caches.SetupWithManager(mgr),
 		mgr.Add(&Maintenance{APIReader: mgr.GetAPIReader(), Store: opts.Store, Caches: caches, Compact: compact,
 			Interval: opts.MaintenanceInterval, DiskBudget: opts.DiskBudget}),
+		mgr.Add(&SizeLimiter{Client: mgr.GetClient(), Store: opts.Store, Recorder: recorder, Interval: opts.SizeCheckInterval}),
 	}
 	if opts.KubeletDir != "" {
 		csiSocket, regSocket := Sockets(opts.KubeletDir)

@@ -15,6 +15,7 @@ import (
 	admissionv1 "k8s.io/api/admission/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/klog/v2"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
@@ -81,8 +82,13 @@ func (m *PodMutator) Handle(ctx context.Context, req admission.Request) admissio
 	if _, ok := pod.Labels[v1alpha1.LabelCache]; !ok {
 		return admission.Allowed("no " + v1alpha1.LabelCache + " label")
 	}
-	if _, ok := pod.Annotations[v1alpha1.AnnotationClaims]; ok {
-		return admission.Allowed("already mutated") // reinvocation
+	if raw, ok := pod.Annotations[v1alpha1.AnnotationClaims]; ok {
+		// Reinvocation, or a pod that wrote the annotation itself: the
+		// manager acts on it, so it must be exactly what we would write.
+		if err := verifyClaims(pod, raw, m.Options); err != nil {
+			return admission.Denied("layercache: " + err.Error())
+		}
+		return admission.Allowed("already mutated by layercache")
 	}
 	p, err := makePlan(pod, m.Options)
 	if err != nil {
@@ -121,7 +127,7 @@ func (m *PodMutator) lookup(ctx context.Context, ns, name string) *v1alpha1.Cach
 	}
 	if err != nil {
 		if !apierrors.IsNotFound(err) {
-			logf.FromContext(ctx).Info("Reading the Cache failed; no node affinity added", "cache", key, "err", err.Error())
+			logf.FromContext(ctx).Error(err, "Reading the Cache failed; no node affinity added", "cache", klog.KRef(ns, name))
 		}
 		return nil
 	}

@@ -51,8 +51,21 @@ func apply(pod *corev1.Pod, p *plan, caches []*v1alpha1.Cache, opts Options, suf
 		pod.Annotations = map[string]string{}
 	}
 	pod.Annotations[v1alpha1.AnnotationClaims] = string(data)
+	addGate(pod)
 	addAffinity(pod, caches)
 	return nil
+}
+
+// addGate holds the pod back from the scheduler until the manager has
+// created its claims: a pod whose claim does not exist yet fails
+// scheduling and backs off.
+func addGate(pod *corev1.Pod) {
+	for _, g := range pod.Spec.SchedulingGates {
+		if g.Name == v1alpha1.SchedulingGate {
+			return
+		}
+	}
+	pod.Spec.SchedulingGates = append(pod.Spec.SchedulingGates, corev1.PodSchedulingGate{Name: v1alpha1.SchedulingGate})
 }
 
 // claimName is the pod's name (or generateName) plus the cache name and a

@@ -18,6 +18,8 @@ type Options struct {
 	StorageClass string
 	// DefaultSize of a volume's writable layer when the pod does not say.
 	DefaultSize resource.Quantity
+	// MaxSize, if not zero, is the largest size a pod may ask for.
+	MaxSize resource.Quantity
 }
 
 // request is one cache a pod asks for.
@@ -75,6 +77,9 @@ func makePlan(pod *corev1.Pod, opts Options) (*plan, error) {
 		q, err := resource.ParseQuantity(s)
 		if err != nil || q.Sign() <= 0 {
 			return nil, annotationError(v1alpha1.AnnotationSize, s, `must be a positive quantity such as "10Gi"`)
+		}
+		if !opts.MaxSize.IsZero() && q.Cmp(opts.MaxSize) > 0 {
+			return nil, annotationError(v1alpha1.AnnotationSize, s, fmt.Sprintf("must be at most %s (the manager's --max-volume-size)", opts.MaxSize.String()))
 		}
 		p.size = q
 	}

@@ -104,6 +104,21 @@ func TestWebhookThroughTheAPIServer(t *testing.T) {
 		if got.Spec.Affinity != nil {
 			t.Errorf("affinity without a Cache: %+v", got.Spec.Affinity)
 		}
+		// Held back from the scheduler until the manager made its claim.
+		if g := got.Spec.SchedulingGates; len(g) != 1 || g[0].Name != v1alpha1.SchedulingGate {
+			t.Errorf("scheduling gates = %+v", g)
+		}
+	})
+
+	t.Run("a hand-written claims annotation is denied", func(t *testing.T) {
+		p := pod("forged", map[string]string{v1alpha1.LabelCache: "example-project"},
+			map[string]string{v1alpha1.AnnotationClaims: `[{"cache":"example-project","claimName":"huge","volume":"cache","trust":"read","size":"50Ti","storageClass":"fast-ssd"}]`})
+		p.Spec.Volumes = []corev1.Volume{{Name: "cache", VolumeSource: corev1.VolumeSource{
+			PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "huge"}}}}
+		_, err := cs.CoreV1().Pods(ns).Create(ctx, p, metav1.CreateOptions{})
+		if err == nil || !strings.Contains(err.Error(), "annotation layercache.io/claims is written by layercache's webhook and does not match this pod") {
+			t.Fatalf("err = %v", err)
+		}
 	})
 
 	t.Run("nodes holding the cache are preferred", func(t *testing.T) {

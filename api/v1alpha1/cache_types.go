@@ -20,8 +20,10 @@ type CacheSpec struct {
 	// +kubebuilder:validation:Pattern=`^([0-9]+(\.[0-9]+)?(ns|us|µs|ms|s|m|h))+$`
 	TTL *metav1.Duration `json:"ttl,omitempty"`
 
-	// MaxSize bounds the cache's size on a node; a commit that would make it
-	// larger is refused.
+	// MaxSize bounds the cache's size on a node: what a build sees, the
+	// layers of its current generation, files shared between layers counted
+	// once. A commit that would make it larger is refused (event
+	// CommitRefused) and its writes are discarded.
 	// +optional
 	MaxSize *resource.Quantity `json:"maxSize,omitempty"`
 }

@@ -30,6 +30,10 @@ const (
 	// AnnotationClaims is written by the webhook: the JSON list of the
 	// claims (PVCs) the pod references, which the manager creates.
 	AnnotationClaims = "layercache.io/claims"
+	// SchedulingGate is added by the webhook to a pod it mutates; the
+	// manager removes it once every claim the pod references exists, so
+	// that the scheduler never sees the pod before its claims.
+	SchedulingGate = "layercache.io/claims"
 	// AnnotationPodPhase is written on a PVC by the manager: the phase its
 	// pod ended in.
 	AnnotationPodPhase = "layercache.io/pod-phase"

@@ -47,6 +47,7 @@ type config struct {
 	webhookPort            int
 	storageClass           string
 	defaultSize            string
+	maxSize                string
 	certRotation           bool
 	namespace              string
 	webhookSecret          string
@@ -65,6 +66,7 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.IntVar(&c.webhookPort, "webhook-port", 9443, "port of the webhook server")
 	fs.StringVar(&c.storageClass, "storage-class", v1alpha1.DefaultStorageClass, "StorageClass of the cache volumes' claims")
 	fs.StringVar(&c.defaultSize, "default-volume-size", "10Gi", "size of a cache volume's writable layer when the pod does not set layercache.io/size")
+	fs.StringVar(&c.maxSize, "max-volume-size", controllers.DefaultMaxVolumeSize.String(), "largest layercache.io/size a pod may ask for; larger requests are refused at admission, and no larger claim is ever created")
 	fs.BoolVar(&c.certRotation, "cert-rotation", false, "provision the webhook's serving certificate and CA bundle ourselves, without cert-manager")
 	fs.StringVar(&c.namespace, "namespace", os.Getenv("POD_NAMESPACE"), "the manager's namespace, for --cert-rotation (default $POD_NAMESPACE)")
 	fs.StringVar(&c.webhookSecret, "webhook-secret-name", "layercache-webhook-server-cert", "Secret that holds the certificate, for --cert-rotation")
@@ -95,6 +97,13 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	size, err := resource.ParseQuantity(cfg.defaultSize)
 	if err != nil || size.Sign() <= 0 {
 		return fmt.Errorf("--default-volume-size %q: must be a positive quantity such as 10Gi", cfg.defaultSize)
+	}
+	maxSize, err := resource.ParseQuantity(cfg.maxSize)
+	if err != nil || maxSize.Sign() <= 0 {
+		return fmt.Errorf("--max-volume-size %q: must be a positive quantity such as 100Gi", cfg.maxSize)
+	}
+	if size.Cmp(maxSize) > 0 {
+		return fmt.Errorf("--default-volume-size %s is larger than --max-volume-size %s", cfg.defaultSize, cfg.maxSize)
 	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
@@ -127,10 +136,10 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)
 	}
-	if err := controllers.Setup(mgr); err != nil {
+	if err := controllers.Setup(mgr, controllers.Options{StorageClass: cfg.storageClass, MaxVolumeSize: maxSize}); err != nil {
 		return fmt.Errorf("setting up the reconcilers: %w", err)
 	}
-	ready, err := setupWebhooks(mgr, cfg, size)
+	ready, err := setupWebhooks(mgr, cfg, webhook.Options{StorageClass: cfg.storageClass, DefaultSize: size, MaxSize: maxSize})
 	if err != nil {
 		return err
 	}
@@ -146,11 +155,10 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 // self-signed CA in a Secret, rotated before expiry, injected into the
 // webhook configuration); the webhook server is only created, hence
 // started, once the certificate is on disk.
-func setupWebhooks(mgr ctrl.Manager, cfg config, size resource.Quantity) (healthz.Checker, error) {
+func setupWebhooks(mgr ctrl.Manager, cfg config, opts webhook.Options) (healthz.Checker, error) {
 	if !cfg.enableWebhooks {
 		return healthz.Ping, nil
 	}
-	opts := webhook.Options{StorageClass: cfg.storageClass, DefaultSize: size}
 	if !cfg.certRotation {
 		return mgr.GetWebhookServer().StartedChecker(), webhook.Setup(mgr, opts)
 	}

@@ -45,10 +45,18 @@ func TestManagerStartsWithoutWebhooks(t *testing.T) {
 
 func TestManagerRejectsBadFlags(t *testing.T) {
 	env := testenv.Start(t)
-	cfg := parse(t, "--default-volume-size", "huge")
-	err := run(context.Background(), cfg, env.Config)
-	if err == nil || !strings.Contains(err.Error(), "--default-volume-size") {
-		t.Fatalf("err = %v", err)
+	for _, tt := range []struct {
+		args []string
+		want string
+	}{
+		{[]string{"--default-volume-size", "huge"}, `--default-volume-size "huge": must be a positive quantity`},
+		{[]string{"--max-volume-size", "-1Gi"}, `--max-volume-size "-1Gi": must be a positive quantity`},
+		{[]string{"--default-volume-size", "20Gi", "--max-volume-size", "10Gi"}, "--default-volume-size 20Gi is larger than --max-volume-size 10Gi"},
+	} {
+		err := run(context.Background(), parse(t, tt.args...), env.Config)
+		if err == nil || !strings.Contains(err.Error(), tt.want) {
+			t.Errorf("%v: err = %v, want %q", tt.args, err, tt.want)
+		}
 	}
 }
 

@@ -33,6 +33,7 @@ type config struct {
 	metricsAddr, probeAddr     string
 	compactThreshold           int
 	maintenanceInterval        time.Duration
+	sizeCheckInterval          time.Duration
 	diskBudget                 string
 }
 
@@ -44,6 +45,7 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "address of the health and readiness probes")
 	fs.IntVar(&c.compactThreshold, "compact-threshold", engine.DefaultCompactThreshold, "chain length at which a cache is compacted")
 	fs.DurationVar(&c.maintenanceInterval, "maintenance-interval", 5*time.Minute, "how often GC, orphan removal and the disk budget run")
+	fs.DurationVar(&c.sizeCheckInterval, "volume-size-check-interval", nodeagent.DefaultSizeCheckInterval, "how often each volume's writes are measured against its size (a volume over it gets its pod evicted)")
 	fs.StringVar(&c.diskBudget, "max-disk-usage", "", "evict least recently used caches when the node's caches use more (e.g. 100Gi; empty for no limit)")
 }
 
@@ -76,6 +78,9 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 		}
 		budget = q.Value()
 	}
+	if cfg.sizeCheckInterval <= 0 {
+		return fmt.Errorf("--volume-size-check-interval %s: must be positive", cfg.sizeCheckInterval)
+	}
 	store, err := engine.Open(cfg.root, engine.Options{CompactThreshold: cfg.compactThreshold})
 	if err != nil {
 		return err
@@ -101,7 +106,7 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	}
 	if err := nodeagent.Setup(mgr, nodeagent.Options{
 		NodeName: cfg.nodeName, Store: store, KubeletDir: cfg.kubeletDir,
-		MaintenanceInterval: cfg.maintenanceInterval, DiskBudget: budget,
+		MaintenanceInterval: cfg.maintenanceInterval, DiskBudget: budget, SizeCheckInterval: cfg.sizeCheckInterval,
 	}); err != nil {
 		return err
 	}

@@ -69,6 +69,7 @@ func TestNodeAgentRejectsBadFlags(t *testing.T) {
 		{[]string{"--node-name", ""}, "--node-name"},
 		{[]string{"--node-name", "n", "--max-disk-usage", "lots"}, "--max-disk-usage"},
 		{[]string{"--node-name", "n", "--root", "relative"}, "absolute"},
+		{[]string{"--node-name", "n", "--volume-size-check-interval", "0s"}, "--volume-size-check-interval 0s: must be positive"},
 	} {
 		cfg := parse(t, append(tt.args, "--kubelet-dir", dir)...)
 		err := run(context.Background(), cfg, nil)

@@ -1,0 +1,168 @@
+package controllers_test
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"slices"
+	"strings"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/record"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/client/interceptor"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/controllers"
+	"github.com/layercache/layercache/internal/testenv"
+)
+
+func withClaims(p *corev1.Pod, claims ...v1alpha1.Claim) *corev1.Pod {
+	data, _ := json.Marshal(claims)
+	p.Annotations[v1alpha1.AnnotationClaims] = string(data)
+	return p
+}
+
+func TestForgedClaimsAndTheSchedulingGate(t *testing.T) {
+	s := start(t)
+
+	t.Run("the gate goes once the claims exist", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace()
+		pod := buildPod(ns, "gated", "example-project", "read", "")
+		pod.Spec.SchedulingGates = []corev1.PodSchedulingGate{{Name: "other.example.com/gate"}, {Name: v1alpha1.SchedulingGate}}
+		s.create(pod)
+		s.pvc(ns, "gated-example-project-x1")
+		s.eventually("our gate to go", func() bool {
+			return s.c.Get(s.ctx, client.ObjectKeyFromObject(pod), pod) == nil && len(pod.Spec.SchedulingGates) == 1
+		})
+		if pod.Spec.SchedulingGates[0].Name != "other.example.com/gate" {
+			t.Errorf("gates = %v: another controller's gate must stay", pod.Spec.SchedulingGates)
+		}
+	})
+
+	forged := []struct {
+		name   string
+		change func(*corev1.Pod, *v1alpha1.Claim)
+		want   string
+	}{
+		{"another storage class", func(_ *corev1.Pod, c *v1alpha1.Claim) { c.StorageClass = "fast-ssd" }, `storage class "fast-ssd": only "layercache" is allowed`},
+		{"a huge size", func(_ *corev1.Pod, c *v1alpha1.Claim) { c.Size = "50Ti" }, "size 50Ti is more than the largest allowed, 100Gi"},
+		{"a claim no volume references", func(p *corev1.Pod, c *v1alpha1.Claim) { c.ClaimName = "someone-elses" }, `the pod has no volume "cache" that references it`},
+		{"more trust than the label", func(p *corev1.Pod, c *v1alpha1.Claim) { c.Trust = "write" }, `trust "write", but the pod's label layercache.io/trust asks for "read"`},
+	}
+	for _, tt := range forged {
+		t.Run("a forged annotation creates nothing: "+tt.name, func(t *testing.T) {
+			s.t = t
+			ns := s.namespace()
+			pod := buildPod(ns, "forged", "example-project", "read", "")
+			claim := v1alpha1.Claim{Cache: "example-project", ClaimName: "forged-example-project-x1", Volume: "cache", Trust: "read",
+				Size: "1Gi", StorageClass: "layercache", MountPath: "/cache"}
+			tt.change(pod, &claim)
+			s.create(withClaims(pod, claim))
+			s.eventually("a BadClaims event", func() bool { return strings.Contains(s.events(ns, "forged"), tt.want) })
+			list := &corev1.PersistentVolumeClaimList{}
+			if err := s.c.List(s.ctx, list, client.InNamespace(ns)); err != nil || len(list.Items) != 0 {
+				t.Fatalf("claims created for a forged annotation: %v %v", err, list.Items)
+			}
+		})
+	}
+}
+
+// A claim that vanishes while its pod's claims are being released (deleted
+// by hand, say) does not stop the release of the pod's other claims.
+func TestReleaseGoesOnPastAVanishedClaim(t *testing.T) {
+	env := testenv.Start(t)
+	ctx := context.Background()
+	c := env.Client
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "release-"}}
+	if err := c.Create(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Create(ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default", Namespace: ns.Name}}); err != nil {
+		t.Fatal(err)
+	}
+	pod := buildPod(ns.Name, "two", "a", "read", "")
+	claims := []v1alpha1.Claim{
+		{Cache: "a", ClaimName: "two-a-x1", Volume: "cache", Trust: "read", Size: "1Gi", StorageClass: "layercache", MountPath: "/cache"},
+		{Cache: "b", ClaimName: "two-b-x1", Volume: "layercache-1", Trust: "read", Size: "1Gi", StorageClass: "layercache", MountPath: "/b"},
+	}
+	pod.Spec.Volumes = append(pod.Spec.Volumes, corev1.Volume{Name: "layercache-1", VolumeSource: corev1.VolumeSource{
+		PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "two-b-x1"}}})
+	pod.Spec.Volumes[0].PersistentVolumeClaim.ClaimName = "two-a-x1"
+	if err := c.Create(ctx, withClaims(pod, claims...)); err != nil {
+		t.Fatal(err)
+	}
+	for _, cl := range claims {
+		class := "layercache"
+		pvc := &corev1.PersistentVolumeClaim{
+			ObjectMeta: metav1.ObjectMeta{Name: cl.ClaimName, Namespace: ns.Name, Finalizers: []string{controllers.FinalizerPVCProtection}},
+			Spec: corev1.PersistentVolumeClaimSpec{StorageClassName: &class, AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOncePod},
+				Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}},
+		}
+		if err := ctrl.SetControllerReference(pod, pvc, env.Scheme); err != nil {
+			t.Fatal(err)
+		}
+		if err := c.Create(ctx, pvc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pod.Status = corev1.PodStatus{Phase: corev1.PodFailed}
+	if err := c.Status().Update(ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+
+	direct, err := client.NewWithWatch(env.Config, client.Options{Scheme: env.Scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The first claim vanishes for real between its read and its update.
+	vanished := false
+	intercepted := interceptor.NewClient(direct, interceptor.Funcs{
+		Patch: func(ctx context.Context, cl client.WithWatch, obj client.Object, patch client.Patch, opts ...client.PatchOption) error {
+			if obj.GetName() == "two-a-x1" && !vanished {
+				vanished = true
+				gone := &corev1.PersistentVolumeClaim{}
+				if err := cl.Get(ctx, client.ObjectKeyFromObject(obj), gone); err != nil {
+					return err
+				}
+				gone.Finalizers = nil
+				if err := cl.Update(ctx, gone); err != nil {
+					return err
+				}
+				if err := cl.Delete(ctx, gone); err != nil {
+					return err
+				}
+			}
+			return cl.Patch(ctx, obj, patch, opts...)
+		},
+	})
+	r := &controllers.PodReconciler{Client: intercepted, Recorder: record.NewFakeRecorder(100)}
+	var logged bytes.Buffer
+	ctx = logf.IntoContext(ctx, zap.New(zap.WriteTo(&logged)))
+	if _, err := r.Reconcile(ctx, ctrl.Request{NamespacedName: client.ObjectKeyFromObject(pod)}); err != nil {
+		t.Fatalf("reconcile: %v", err)
+	}
+	if !vanished {
+		t.Fatal("the first claim was never updated: the test did not run its case")
+	}
+	second := &corev1.PersistentVolumeClaim{}
+	err = c.Get(ctx, client.ObjectKey{Namespace: ns.Name, Name: "two-b-x1"}, second)
+	if err == nil && (second.DeletionTimestamp == nil || slices.Contains(second.Finalizers, controllers.FinalizerPVCProtection)) {
+		t.Fatalf("the second claim was not released: deletion %v, finalizers %v", second.DeletionTimestamp, second.Finalizers)
+	}
+	if err != nil && !apierrors.IsNotFound(err) {
+		t.Fatal(err)
+	}
+	// Objects are logged as {name, namespace}, as klog.KObj gives them.
+	if want := `"persistentVolumeClaim":{"name":"two-b-x1","namespace":"` + ns.Name + `"}`; !strings.Contains(logged.String(), want) {
+		t.Errorf("log lacks %s:\n%s", want, logged.String())
+	}
+}

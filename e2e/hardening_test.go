@@ -1,0 +1,94 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+)
+
+const forgedClaims = `[{"cache":"forged","claimName":"huge","volume":"cache","trust":"write","size":"50Ti","storageClass":"fast-ssd"}]`
+
+func forgedPod(name string) *corev1.Pod {
+	p := buildPod(name, "forged", "write", "", "true", map[string]string{v1alpha1.AnnotationClaims: forgedClaims})
+	p.Spec.Volumes = []corev1.Volume{{Name: "cache", VolumeSource: corev1.VolumeSource{
+		PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: "huge"}}}}
+	return p
+}
+
+// A pod that writes the claims annotation itself is refused by the
+// webhook; where the webhook does not run (kube-system), the manager
+// creates nothing for it and says why.
+func TestForgedClaimsAnnotation(t *testing.T) {
+	e := newEnv(t)
+	p := forgedPod("forged")
+	p.Namespace = e.ns
+	if err := c.Create(e.ctx, p); err == nil || !strings.Contains(err.Error(), "annotation layercache.io/claims is written by layercache's webhook") {
+		t.Fatalf("a forged pod was admitted: %v", err)
+	}
+
+	sys := forgedPod("layercache-e2e-forged-" + e.ns)
+	sys.Namespace = "kube-system"
+	if err := c.Create(e.ctx, sys); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Delete(e.ctx, sys) })
+	kube := &env{t: t, ctx: e.ctx, ns: "kube-system"}
+	kube.eventually("a BadClaims event", 30*time.Second, func() bool {
+		return strings.Contains(kube.events(sys.Name), `storage class "fast-ssd": only "layercache" is allowed`)
+	})
+	if err := c.Get(e.ctx, client.ObjectKey{Namespace: "kube-system", Name: "huge"}, &corev1.PersistentVolumeClaim{}); !apierrors.IsNotFound(err) {
+		t.Fatalf("a claim was created for a forged annotation: %v", err)
+	}
+}
+
+// A build that writes more than its layercache.io/size is evicted within
+// 15 s and commits nothing; a neighbour on the same cache finishes and
+// commits.
+func TestVolumeSizeIsEnforced(t *testing.T) {
+	e := newEnv(t)
+	size := map[string]string{v1alpha1.AnnotationSize: "10Mi"}
+	greedy := buildPod("greedy", "sized", "write", "builder",
+		`dd if=/dev/zero of=/cache/huge bs=1M count=40 2>/dev/null; echo written; sleep 120`, size)
+	greedy.Namespace = e.ns
+	e.create(greedy)
+	neighbour := buildPod("neighbour", "sized", "write", "builder", `sleep 8; echo ok > /cache/fits`, size)
+	neighbour.Namespace = e.ns
+	e.create(neighbour)
+
+	e.eventually("the greedy build to write", 90*time.Second, func() bool {
+		return c.Get(e.ctx, client.ObjectKeyFromObject(greedy), greedy) == nil && greedy.Status.Phase == corev1.PodRunning &&
+			strings.Contains(e.logsOrEmpty("greedy"), "written")
+	})
+	written := time.Now()
+	e.eventually("the greedy build to be evicted", 15*time.Second, func() bool {
+		err := c.Get(e.ctx, client.ObjectKeyFromObject(greedy), greedy)
+		return apierrors.IsNotFound(err) || (err == nil && greedy.DeletionTimestamp != nil)
+	})
+	t.Logf("evicted %.1fs after its writes", time.Since(written).Seconds())
+	if ev := e.events("greedy"); !strings.Contains(ev, "VolumeSizeExceeded") || !strings.Contains(ev, "more than its size 10Mi") {
+		t.Errorf("events of the greedy pod: %s", ev)
+	}
+	if phase, _ := e.wait("neighbour"); phase != corev1.PodSucceeded {
+		t.Fatalf("the neighbour: %s", phase)
+	}
+	e.settled()
+	if got := e.read("sized", "check"); got != "fits=ok" {
+		t.Fatalf("the cache holds %q: want the neighbour's writes only", got)
+	}
+}
+
+func (e *env) logsOrEmpty(name string) string {
+	raw, err := cs.CoreV1().Pods(e.ns).GetLogs(name, &corev1.PodLogOptions{}).DoRaw(e.ctx)
+	if err != nil {
+		return ""
+	}
+	return string(raw)
+}

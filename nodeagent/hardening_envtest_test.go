@@ -1,0 +1,212 @@
+package nodeagent
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/record"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/client/interceptor"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/testenv"
+)
+
+func TestSizesAreEnforced(t *testing.T) {
+	s := startNode(t)
+	ns := s.namespace()
+	if err := s.c.Create(s.ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "default", Namespace: ns}}); err != nil {
+		t.Fatal(err)
+	}
+
+	t.Run("a commit over the Cache's maxSize is refused and names both sizes", func(t *testing.T) {
+		s.t = t
+		key := engine.Key{Namespace: ns, Name: "bounded"}
+		pv := s.pv("pvc-m1", attrs(ns, "bounded", true))
+		s.build(pv, map[string]string{"small": "s"}, false)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		s.eventually("the Cache", func() bool {
+			return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: "bounded"}, &v1alpha1.Cache{}) == nil
+		})
+		max := resource.MustParse("64Ki")
+		s.updateCache(ns, "bounded", func(c *v1alpha1.Cache) { c.Spec.MaxSize = &max })
+		pv = s.pv("pvc-m2", attrs(ns, "bounded", true))
+		s.build(pv, map[string]string{"big": strings.Repeat("x", 256<<10)}, false)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		if got := s.content(key); len(got) != 1 || got["small"] != "s" {
+			t.Fatalf("cache content = %v, want the first commit only", got)
+		}
+		s.eventually("a CommitRefused event naming both sizes", func() bool {
+			ev := s.events(ns, "bounded")
+			return strings.Contains(ev, "CommitRefused") && strings.Contains(ev, "more than its spec.maxSize 64Ki") &&
+				strings.Contains(ev, "the cache would be ")
+		})
+		if vols, _ := s.store.Volumes(); len(vols) != 0 {
+			t.Errorf("%d volume(s) left on disk", len(vols))
+		}
+	})
+
+	t.Run("a volume over its size gets its pod evicted and is never committed", func(t *testing.T) {
+		s.t = t
+		key := engine.Key{Namespace: ns, Name: "sized"}
+		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "greedy", Namespace: ns},
+			Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "build", Image: "busybox"}}}}
+		neighbour := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "modest", Namespace: ns},
+			Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "build", Image: "busybox"}}}}
+		for _, p := range []*corev1.Pod{pod, neighbour} {
+			if err := s.c.Create(s.ctx, p); err != nil {
+				t.Fatal(err)
+			}
+		}
+		greedyAttrs, modestAttrs := attrs(ns, "sized", true), attrs(ns, "sized", true)
+		greedyAttrs[v1alpha1.AttrPodUID], modestAttrs[v1alpha1.AttrPodUID] = string(pod.UID), string(neighbour.UID)
+		greedy, modest := s.pv("pvc-s1", greedyAttrs), s.pv("pvc-s2", modestAttrs)
+		for _, pv := range []*corev1.PersistentVolume{greedy, modest} {
+			patch := client.MergeFrom(pv.DeepCopy())
+			pv.Spec.Capacity[corev1.ResourceStorage] = resource.MustParse("1Mi")
+			if err := s.c.Patch(s.ctx, pv, patch); err != nil {
+				t.Fatal(err)
+			}
+		}
+		greedyTarget := s.publishFor(greedy, pod)
+		modestTarget := s.publishFor(modest, neighbour)
+		// Writes past the size; the neighbour stays within its own.
+		if err := os.WriteFile(filepath.Join(greedyTarget, "huge"), make([]byte, 2<<20), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(modestTarget, "fits"), make([]byte, 256<<10), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		limiter := &SizeLimiter{Client: s.c, Store: s.store, Recorder: s.rec}
+		if err := limiter.Check(s.ctx); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the greedy pod to be evicted", func() bool {
+			got := &corev1.Pod{}
+			err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pod), got)
+			return apierrors.IsNotFound(err) || (err == nil && got.DeletionTimestamp != nil)
+		})
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(neighbour), &corev1.Pod{}); err != nil {
+			t.Fatalf("the neighbour was touched: %v", err)
+		}
+		s.eventually("a VolumeSizeExceeded event", func() bool {
+			ev := s.events(ns, "greedy")
+			return strings.Contains(ev, "VolumeSizeExceeded") && strings.Contains(ev, "more than its size 1Mi")
+		})
+		// A second check does not evict or tell again.
+		if err := limiter.Check(s.ctx); err != nil {
+			t.Fatal(err)
+		}
+		if n := strings.Count(s.events(ns, "greedy"), "VolumeSizeExceeded"); n != 1 {
+			t.Errorf("%d VolumeSizeExceeded events, want 1", n)
+		}
+		// Even if its pod reports success, the greedy volume is discarded.
+		s.unpublish(greedy, greedyTarget)
+		s.unpublish(modest, modestTarget)
+		s.release(greedy, "Succeeded", false)
+		s.release(modest, "Succeeded", false)
+		s.pvGone(greedy)
+		s.pvGone(modest)
+		got := s.content(key)
+		if _, ok := got["huge"]; ok {
+			t.Fatal("the writes of a volume over its size were committed")
+		}
+		if _, ok := got["fits"]; !ok {
+			t.Fatalf("the neighbour's writes were not committed: %v", got)
+		}
+	})
+}
+
+// publishFor publishes pv for pod, as the kubelet does, and returns the
+// target.
+func (s *nodeSuite) publishFor(pv *corev1.PersistentVolume, pod *corev1.Pod) string {
+	s.t.Helper()
+	pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrPodUID] = string(pod.UID)
+	target := filepath.Join(s.dir, "pods", pv.Name)
+	vctx := map[string]string{podUIDKey: string(pod.UID), podNamespaceKey: pod.Namespace, podNameKey: pod.Name}
+	for k, v := range pv.Spec.CSI.VolumeAttributes {
+		vctx[k] = v
+	}
+	if _, err := s.driver.NodePublishVolume(s.ctx, &csi.NodePublishVolumeRequest{VolumeId: pv.Name, TargetPath: target,
+		VolumeCapability: mountCapability(), VolumeContext: vctx}); err != nil {
+		s.t.Fatal(err)
+	}
+	return target
+}
+
+// If reporting the Cache fails after a commit, the retry reports it (and
+// tells the user), though the volume is gone by then.
+func TestReportAfterCommitIsRetried(t *testing.T) {
+	store, dir := newStore(t)
+	env := testenv.Start(t)
+	ctx := context.Background()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "report-"}}
+	if err := env.Client.Create(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	direct, err := client.NewWithWatch(env.Config, client.Options{Scheme: env.Scheme})
+	if err != nil {
+		t.Fatal(err)
+	}
+	failures := 1
+	flaky := interceptor.NewClient(direct, interceptor.Funcs{
+		SubResourcePatch: func(ctx context.Context, c client.Client, sub string, obj client.Object, patch client.Patch, opts ...client.SubResourcePatchOption) error {
+			if sub == "status" && failures > 0 {
+				failures--
+				return apierrors.NewServiceUnavailable("the API server is restarting")
+			}
+			return c.Status().Patch(ctx, obj, patch, opts...)
+		},
+	})
+	events := record.NewFakeRecorder(10)
+	r := &VolumeReconciler{Client: flaky, Store: store, NodeName: "node-a", Recorder: events}
+	s := &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"}}
+	pv := s.pv("pvc-r1", attrs(ns.Name, "reported", true))
+	s.build(pv, map[string]string{"a": "1"}, false)
+	s.release(pv, "Succeeded", false)
+	req := ctrl.Request{NamespacedName: client.ObjectKeyFromObject(pv)}
+	if _, err := r.Reconcile(ctx, req); err == nil {
+		t.Fatal("the first reconcile reported nothing wrong though the status write failed")
+	}
+	if _, err := r.Reconcile(ctx, req); err != nil {
+		t.Fatalf("the retry: %v", err)
+	}
+	c := &v1alpha1.Cache{}
+	if err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns.Name, Name: "reported"}, c); err != nil {
+		t.Fatal(err)
+	}
+	if len(c.Status.Nodes) != 1 || c.Status.Nodes[0].Generation != 1 {
+		t.Fatalf("status after the retry = %+v", c.Status)
+	}
+	select {
+	case ev := <-events.Events:
+		if !strings.Contains(ev, "Committed") || !strings.Contains(ev, "generation 1") {
+			t.Errorf("event = %q", ev)
+		}
+	default:
+		t.Error("no Committed event after the retry")
+	}
+
+	// A released PV whose name cannot be a volume of ours is a terminal
+	// error, never a delay the controller would ignore.
+	long := s.pv(strings.Repeat("x", 140), attrs(ns.Name, "reported", true))
+	s.release(long, "Succeeded", false)
+	res, err := r.Reconcile(ctx, ctrl.Request{NamespacedName: client.ObjectKeyFromObject(long)})
+	if !errors.Is(err, reconcile.TerminalError(nil)) || !res.IsZero() {
+		t.Fatalf("reconcile of an invalid volume: %+v, %v; want a terminal error and no requeue", res, err)
+	}
+}
