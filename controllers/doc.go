@@ -16,6 +16,10 @@ const (
 	FinalizerPVCProtection = "kubernetes.io/pvc-protection"
 	// PhaseDeleted is recorded for a pod deleted before it ended.
 	PhaseDeleted = "Deleted"
+
+	// concurrentReconciles is how many pods (and claims) the manager works
+	// on at once: builds come in bursts.
+	concurrentReconciles = 4
 )
 
 // Event reasons a user sees.

@@ -18,6 +18,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/predicate"
@@ -63,6 +64,7 @@ func (r *PodReconciler) SetupWithManager(mgr ctrl.Manager) error {
 			return ok
 		}))).
 		Owns(&corev1.PersistentVolumeClaim{}).
+		WithOptions(controller.Options{MaxConcurrentReconciles: concurrentReconciles}).
 		Complete(r)
 }
 
@@ -146,7 +148,11 @@ func endedBeforeDeletion(pod *corev1.Pod) bool {
 }
 
 // ensureClaims creates the pod's missing claims. It reports whether every
-// claim now exists and belongs to the pod.
+// claim exists and belongs to the pod, as seen in the manager's cache: a
+// claim created now is not ready yet. Its watch event brings the pod back
+// here, by when the scheduler's informer has most likely seen it too
+// (ungating a pod whose claim the scheduler does not know yet fails it:
+// "persistentvolumeclaim not found").
 func (r *PodReconciler) ensureClaims(ctx context.Context, pod *corev1.Pod, claims []v1alpha1.Claim) (bool, error) {
 	ready := true
 	for _, c := range claims {
@@ -174,6 +180,7 @@ func (r *PodReconciler) ensureClaims(ctx context.Context, pod *corev1.Pod, claim
 		if err := r.Create(ctx, pvc); err != nil && !apierrors.IsAlreadyExists(err) {
 			return false, fmt.Errorf("creating claim %s: %w", c.ClaimName, err)
 		}
+		ready = false
 		logf.FromContext(ctx).Info("Created claim", "persistentVolumeClaim", klog.KObj(pvc), "cache", c.Cache, "trust", c.Trust)
 		r.Recorder.Eventf(pod, corev1.EventTypeNormal, ReasonClaimCreated, "Created claim %s for cache %s (%s)", c.ClaimName, c.Cache, c.Trust)
 	}

@@ -9,6 +9,10 @@
 // Build: a real go build of layercache itself with GOCACHE on the volume,
 // cold, warm through layercache and warm through a copy (build.go).
 //
+// Load: many build pods created at once, with layercache and with an
+// emptyDir: total time, start percentiles and scheduling warnings
+// (load.go).
+//
 // Medians over --runs; run by make bench-e2e on a cluster with layercache
 // installed (config/local) and the Go toolchain image imported.
 package main
@@ -46,6 +50,8 @@ type config struct {
 	repo, parts         string
 	size                int64
 	files, runs         int
+	loadPods            int
+	loadRounds          int
 }
 
 func main() {
@@ -56,13 +62,18 @@ func main() {
 	flag.StringVar(&size, "size", "1GiB", "cache size (GiB or MiB)")
 	flag.IntVar(&c.files, "files", 50000, "files in the cache")
 	flag.IntVar(&c.runs, "runs", 5, "runs per variant (medians)")
-	flag.StringVar(&c.parts, "parts", "synthetic,build", "what to measure: synthetic (pod start and a full read of a warm cache), build (a real Go build)")
+	flag.StringVar(&c.parts, "parts", "synthetic,build", "what to measure: synthetic (pod start and a full read of a warm cache), build (a real Go build), load (many build pods at once)")
+	flag.IntVar(&c.loadPods, "load-pods", 60, "pods created at once by the load part")
+	flag.IntVar(&c.loadRounds, "load-rounds", 3, "rounds of the load part (each: the emptyDir burst, then the layercache one)")
 	flag.StringVar(&c.repo, "repo", ".", "the layercache repository the real build compiles (its HEAD, vendored)")
 	flag.Parse()
 	var err error
 	c.size, err = parseSize(size)
 	if err == nil && c.runs < 1 {
 		err = fmt.Errorf("--runs %d: want at least 1", c.runs)
+	}
+	if err == nil && (c.loadPods < 2 || c.loadRounds < 1) {
+		err = fmt.Errorf("--load-pods %d, --load-rounds %d: want at least 2 pods and 1 round", c.loadPods, c.loadRounds)
 	}
 	if err == nil {
 		err = run(context.Background(), c)
@@ -98,16 +109,19 @@ func run(ctx context.Context, c config) error {
 	if err != nil {
 		return err
 	}
+	// The load part creates its pods at once: client-go's default of 5
+	// requests a second would space them out over seconds.
+	cfg.QPS, cfg.Burst = 200, 400
 	cs, err := kubernetes.NewForConfig(cfg)
 	if err != nil {
 		return err
 	}
 	b := &bench{config: c, cs: cs, ctx: ctx}
-	known := map[string]func() error{"synthetic": b.synthetic, "build": b.realBuild}
+	known := map[string]func() error{"synthetic": b.synthetic, "build": b.realBuild, "load": b.load}
 	parts := strings.Split(c.parts, ",")
 	for _, part := range parts {
 		if known[part] == nil {
-			return fmt.Errorf("--parts: unknown part %q (want synthetic, build or both)", part)
+			return fmt.Errorf("--parts: unknown part %q (want a list of synthetic, build, load)", part)
 		}
 	}
 	defer b.cleanup()
