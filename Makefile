@@ -79,7 +79,7 @@ test: lint check-generated envtest-assets test-e2e ## Run every test (as root: o
 	hack/reap-envtest.sh; exit $$rc
 
 .PHONY: test-e2e
-test-e2e: ## On a real local cluster: smoke test, install, the e2e suite, teardown checked clean (root).
+test-e2e: ## On a real local 3-node cluster: smoke test, install, the e2e suite, teardown checked clean (root).
 	hack/test-e2e.sh
 
 .PHONY: bench-e2e
@@ -127,7 +127,7 @@ images: ## Write the OCI images into bin/images; import them if the cluster runs
 	@if [ -S /var/lib/layercache-cluster/containerd/containerd.sock ]; then hack/images/import.sh; fi
 
 .PHONY: cluster-up
-cluster-up: ## Start a real single-node cluster here (root); prints the KUBECONFIG to use.
+cluster-up: ## Start a real cluster here (root; NODES=3 for 3 nodes, namespaces of this host); prints the KUBECONFIG to use.
 	hack/cluster/up.sh
 
 .PHONY: cluster-down

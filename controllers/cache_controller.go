@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"context"
+	"fmt"
 	"slices"
 	"strings"
 
@@ -9,10 +10,14 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/klog/v2"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	logf "sigs.k8s.io/controller-runtime/pkg/log"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/internal/finalizers"
+	"github.com/layercache/layercache/internal/logs"
 )
 
 // Condition types and reasons of a Cache.
@@ -25,19 +30,23 @@ const (
 	summaryNodesMore = ",..."
 )
 
-// CacheReconciler keeps a Cache's summary (the columns of `kubectl get
-// caches`) and Ready condition in line with the per-node entries that the
-// node agents write.
+// CacheReconciler gathers a Cache's NodeCaches (one per node that holds
+// its data, each written by that node's agent) into the Cache's status,
+// its summary (the columns of `kubectl get caches`) and its Ready
+// condition; copies the Cache's ttl to its NodeCaches; and, when the
+// Cache is deleted, deletes its NodeCaches and holds the Cache until they
+// are gone (each node's agent deletes its data first).
 type CacheReconciler struct {
 	client.Client
 }
 
-// +kubebuilder:rbac:groups=layercache.io,resources=caches,verbs=get;list;watch
+// +kubebuilder:rbac:groups=layercache.io,resources=caches,verbs=get;list;watch;update;patch
 // +kubebuilder:rbac:groups=layercache.io,resources=caches/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=layercache.io,resources=nodecaches,verbs=get;list;watch;update;patch;delete
 
 // SetupWithManager registers the reconciler.
 func (r *CacheReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	return ctrl.NewControllerManagedBy(mgr).Named("cache").For(&v1alpha1.Cache{}).Complete(r)
+	return ctrl.NewControllerManagedBy(mgr).Named("cache").For(&v1alpha1.Cache{}).Owns(&v1alpha1.NodeCache{}).Complete(r)
 }
 
 // Reconcile implements reconcile.Reconciler.
@@ -46,7 +55,33 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 	if err := r.Get(ctx, req.NamespacedName, c); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
+	list := &v1alpha1.NodeCacheList{}
+	if err := r.List(ctx, list, client.InNamespace(c.Namespace), client.MatchingLabels{v1alpha1.LabelCache: c.Name}); err != nil {
+		return ctrl.Result{}, err
+	}
+	if c.DeletionTimestamp != nil {
+		return ctrl.Result{}, r.reconcileDelete(ctx, c, list.Items)
+	}
+	if err := r.dropLegacyFinalizers(ctx, c); err != nil {
+		return ctrl.Result{}, err
+	}
+	if _, err := finalizers.Add(ctx, r.Client, c, v1alpha1.FinalizerCacheData); err != nil {
+		return ctrl.Result{}, err
+	}
+	for i := range list.Items {
+		if err := r.copyTTL(ctx, c, &list.Items[i]); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
 	before := c.DeepCopy()
+	c.Status.Nodes = nil
+	for _, nc := range list.Items {
+		if nc.DeletionTimestamp == nil && nc.Status.Generation > 0 {
+			entry := nc.Status.DeepCopy()
+			entry.Node = nc.Spec.Node
+			c.Status.Nodes = append(c.Status.Nodes, *entry)
+		}
+	}
 	summarize(c)
 	if equality.Semantic.DeepEqual(before.Status, c.Status) {
 		return ctrl.Result{}, nil
@@ -54,10 +89,54 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 	return ctrl.Result{}, r.Status().Patch(ctx, c, client.MergeFrom(before))
 }
 
-// summarize fills the display fields and the Ready condition from
-// status.nodes (newest commit first).
+// reconcileDelete deletes the Cache's NodeCaches and lets the Cache go once
+// they are gone: each node's agent deletes its data (once no volume uses
+// it), then its NodeCache; the Node reconciler does it for a node that is
+// gone.
+func (r *CacheReconciler) reconcileDelete(ctx context.Context, c *v1alpha1.Cache, ncs []v1alpha1.NodeCache) error {
+	for i := range ncs {
+		if ncs[i].DeletionTimestamp == nil {
+			if err := r.Delete(ctx, &ncs[i]); client.IgnoreNotFound(err) != nil {
+				return fmt.Errorf("deleting NodeCache %s: %w", ncs[i].Name, err)
+			}
+		}
+	}
+	if len(ncs) > 0 {
+		logf.FromContext(ctx).V(logs.Debug).Info("Waiting for the nodes to delete the cache's data", "cache", klog.KObj(c), "nodeCaches", len(ncs))
+		return nil // the deletion of each NodeCache wakes us again
+	}
+	_, err := finalizers.Remove(ctx, r.Client, c, v1alpha1.FinalizerCacheData)
+	return err
+}
+
+// dropLegacyFinalizers removes the per-node finalizers that node agents put
+// on Caches before NodeCaches existed: nothing removes them any more.
+func (r *CacheReconciler) dropLegacyFinalizers(ctx context.Context, c *v1alpha1.Cache) error {
+	for _, f := range slices.Clone(c.Finalizers) {
+		if strings.HasPrefix(f, v1alpha1.LegacyFinalizerCachePrefix) {
+			if _, err := finalizers.Remove(ctx, r.Client, c, f); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// copyTTL gives a NodeCache its Cache's ttl: the node's agent reads it
+// there, watching nothing else.
+func (r *CacheReconciler) copyTTL(ctx context.Context, c *v1alpha1.Cache, nc *v1alpha1.NodeCache) error {
+	if nc.DeletionTimestamp != nil || equality.Semantic.DeepEqual(nc.Spec.TTL, c.Spec.TTL) {
+		return nil
+	}
+	before := nc.DeepCopy()
+	nc.Spec.TTL = c.Spec.TTL.DeepCopy()
+	return client.IgnoreNotFound(r.Patch(ctx, nc, client.MergeFrom(before)))
+}
+
+// summarize sorts status.nodes (newest commit first) and fills the display
+// fields and the Ready condition from them.
 func summarize(c *v1alpha1.Cache) {
-	nodes := slices.Clone(c.Status.Nodes)
+	nodes := c.Status.Nodes
 	slices.SortStableFunc(nodes, func(a, b v1alpha1.NodeCacheStatus) int {
 		switch {
 		case a.LastCommitTime == nil && b.LastCommitTime == nil:
@@ -67,7 +146,10 @@ func summarize(c *v1alpha1.Cache) {
 		case b.LastCommitTime == nil:
 			return -1
 		}
-		return b.LastCommitTime.Compare(a.LastCommitTime.Time)
+		if n := b.LastCommitTime.Compare(a.LastCommitTime.Time); n != 0 {
+			return n
+		}
+		return strings.Compare(a.Node, b.Node)
 	})
 	var names []string
 	var size *resource.Quantity

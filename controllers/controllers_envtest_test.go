@@ -3,6 +3,7 @@ package controllers_test
 import (
 	"context"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -15,7 +16,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
-	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	ctrlconfig "sigs.k8s.io/controller-runtime/pkg/config"
@@ -23,6 +23,7 @@ import (
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/controllers"
+	"github.com/layercache/layercache/internal/finalizers"
 	"github.com/layercache/layercache/internal/testenv"
 )
 
@@ -302,34 +303,135 @@ func TestManagerReconcilers(t *testing.T) {
 		})
 	})
 
-	t.Run("the Cache summary follows the node entries", func(t *testing.T) {
+	t.Run("the Cache gathers its NodeCaches, and its ttl reaches them", func(t *testing.T) {
 		s.t = t
 		ns := s.namespace()
-		c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Name: "summary", Namespace: ns}}
+		ttl := metav1.Duration{Duration: time.Hour}
+		c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Name: "summary", Namespace: ns}, Spec: v1alpha1.CacheSpec{TTL: &ttl}}
 		s.create(c)
 		older, newer := metav1.NewTime(time.Now().Add(-time.Hour).Truncate(time.Second)), metav1.NewTime(time.Now().Truncate(time.Second))
-		// The reconciler writes the status too (Ready: NoData): retry on conflict.
-		err := retry.RetryOnConflict(retry.DefaultRetry, func() error {
-			if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c); err != nil {
-				return err
-			}
-			c.Status.Nodes = []v1alpha1.NodeCacheStatus{
-				{Node: "node-a", Generation: 3, Size: resource.MustParse("2Gi"), LastCommitTime: &older},
-				{Node: "node-b", Generation: 1, Size: resource.MustParse("1Gi"), LastCommitTime: &newer},
-			}
-			return s.c.Status().Update(s.ctx, c)
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
+		// A NodeCache of a node that does not exist is let go (below).
+		s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b", Labels: map[string]string{corev1.LabelHostname: "host-b"}}})
+		s.nodeCache(c, "node-a", v1alpha1.NodeCacheStatus{Generation: 3, Size: resource.MustParse("2Gi"), LastCommitTime: &older})
+		s.nodeCache(c, "node-b", v1alpha1.NodeCacheStatus{Generation: 1, Size: resource.MustParse("1Gi"), LastCommitTime: &newer})
 		s.eventually("the summary", func() bool {
 			return s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c) == nil && c.Status.NodeNames == "node-b,node-a"
 		})
 		ready := meta.FindStatusCondition(c.Status.Conditions, controllers.ConditionReady)
-		if !c.Status.Size.Equal(resource.MustParse("2Gi")) || !c.Status.LastCommitTime.Equal(&newer) || ready == nil || ready.Status != metav1.ConditionTrue {
+		if !c.Status.Size.Equal(resource.MustParse("2Gi")) || !c.Status.LastCommitTime.Equal(&newer) || ready == nil || ready.Status != metav1.ConditionTrue ||
+			len(c.Status.Nodes) != 2 || c.Status.Nodes[1].Node != "node-a" || c.Status.Nodes[1].Generation != 3 {
 			t.Errorf("status = %+v", c.Status)
 		}
+		if !slices.Contains(c.Finalizers, v1alpha1.FinalizerCacheData) {
+			t.Errorf("finalizers = %v", c.Finalizers)
+		}
+		s.eventually("the ttl on the NodeCaches", func() bool {
+			nc := &v1alpha1.NodeCache{}
+			return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("summary", "node-b")}, nc) == nil &&
+				nc.Spec.TTL != nil && nc.Spec.TTL.Duration == time.Hour
+		})
 	})
+
+	t.Run("deleting a Cache waits for its NodeCaches", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace()
+		c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Name: "doomed", Namespace: ns,
+			// What node agents put on Caches before NodeCaches: it must not block.
+			Finalizers: []string{v1alpha1.LegacyFinalizerCachePrefix + "old-node"}}}
+		s.create(c)
+		nc := s.nodeCache(c, "node-a", v1alpha1.NodeCacheStatus{Generation: 1})
+		s.eventually("the manager's finalizer", func() bool {
+			return s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c) == nil && slices.Equal(c.Finalizers, []string{v1alpha1.FinalizerCacheData})
+		})
+		if err := s.c.Delete(s.ctx, c); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the NodeCache to be deleted", func() bool {
+			return s.c.Get(s.ctx, client.ObjectKeyFromObject(nc), nc) == nil && nc.DeletionTimestamp != nil
+		})
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c); err != nil {
+			t.Fatalf("the Cache went before its node's data: %v", err)
+		}
+		// The node's agent deletes its data, then lets its NodeCache go.
+		if _, err := finalizers.Remove(s.ctx, s.c, nc, v1alpha1.FinalizerNodeData); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the Cache to go", func() bool { return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c)) })
+	})
+
+	t.Run("what a deleted node held is let go", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace()
+		// A node name of 63 characters: valid, and as long as a label value gets.
+		long := strings.Repeat("n", 60) + "-xy"
+		node := &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: long, Labels: map[string]string{corev1.LabelHostname: long}}}
+		s.create(node)
+		c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Name: "stranded", Namespace: ns}}
+		s.create(c)
+		nc := s.nodeCache(c, long, v1alpha1.NodeCacheStatus{Generation: 1})
+		kept := s.nodeCache(c, "node-a", v1alpha1.NodeCacheStatus{Generation: 4})
+		pv := &corev1.PersistentVolume{
+			ObjectMeta: metav1.ObjectMeta{Name: "pv-on-" + long[:10], Labels: map[string]string{v1alpha1.LabelNode: v1alpha1.NodeLabelValue(long)},
+				Finalizers: []string{v1alpha1.FinalizerNode}},
+			Spec: corev1.PersistentVolumeSpec{
+				Capacity:    corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")},
+				AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOncePod},
+				PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{
+					Driver: v1alpha1.DriverName, VolumeHandle: "pv-on-long"}},
+			},
+		}
+		s.create(pv)
+		pv.Status.Phase = corev1.VolumeReleased
+		if err := s.c.Status().Update(s.ctx, pv); err != nil {
+			t.Fatal(err)
+		}
+		// While the node exists, nothing is touched.
+		time.Sleep(500 * time.Millisecond)
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(nc), nc); err != nil || nc.DeletionTimestamp != nil {
+			t.Fatalf("a live node's NodeCache was touched: %v %v", err, nc.DeletionTimestamp)
+		}
+		if err := s.c.Delete(s.ctx, node); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("the gone node's NodeCache to go", func() bool { return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(nc), nc)) })
+		s.eventually("the gone node's released PV to be deleted", func() bool {
+			got := &corev1.PersistentVolume{}
+			err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), got)
+			return apierrors.IsNotFound(err) || (err == nil && got.DeletionTimestamp != nil && !slices.Contains(got.Finalizers, v1alpha1.FinalizerNode))
+		})
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(kept), kept); err != nil || kept.DeletionTimestamp != nil {
+			t.Fatalf("another node's NodeCache was touched: %v", err)
+		}
+		s.eventually("the Cache to list only the node that is left", func() bool {
+			return s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c) == nil && c.Status.NodeNames == "node-a"
+		})
+	})
+}
+
+// nodeCache creates node's NodeCache of c, as that node's agent does, with
+// status st.
+func (s *suite) nodeCache(c *v1alpha1.Cache, node string, st v1alpha1.NodeCacheStatus) *v1alpha1.NodeCache {
+	s.t.Helper()
+	nc := &v1alpha1.NodeCache{
+		ObjectMeta: metav1.ObjectMeta{Namespace: c.Namespace, Name: v1alpha1.NodeCacheName(c.Name, node),
+			Labels:     map[string]string{v1alpha1.LabelCache: c.Name, v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)},
+			Finalizers: []string{v1alpha1.FinalizerNodeData}},
+		Spec: v1alpha1.NodeCacheSpec{Cache: c.Name, Node: node},
+	}
+	if err := ctrl.SetControllerReference(c, nc, s.c.Scheme()); err != nil {
+		s.t.Fatal(err)
+	}
+	s.create(nc)
+	st.Node, st.Layers = node, 1
+	if st.Size.IsZero() {
+		st.Size = resource.MustParse("1Mi")
+	}
+	before := nc.DeepCopy()
+	nc.Status = st
+	if err := s.c.Status().Patch(s.ctx, nc, client.MergeFrom(before)); err != nil {
+		s.t.Fatal(err)
+	}
+	return nc
 }
 
 var skipNameValidation = true

@@ -24,5 +24,6 @@ func Setup(mgr manager.Manager, opts Options) error {
 		(&PodReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-claims"), Options: opts}).SetupWithManager(mgr),
 		(&Provisioner{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-provisioner")}).SetupWithManager(mgr),
 		(&CacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr),
+		(&NodeReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-nodes")}).SetupWithManager(mgr),
 	)
 }

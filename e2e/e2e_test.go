@@ -197,12 +197,8 @@ func TestNodeAgentRestartDuringBuild(t *testing.T) {
 	e.eventually("the build to run", 60*time.Second, func() bool {
 		return c.Get(e.ctx, client.ObjectKeyFromObject(p), p) == nil && p.Status.Phase == corev1.PodRunning
 	})
-	agents := &corev1.PodList{}
-	if err := c.List(e.ctx, agents, client.InNamespace("layercache-system"),
-		client.MatchingLabels{"app.kubernetes.io/component": "node-agent"}); err != nil || len(agents.Items) == 0 {
-		t.Fatalf("no node agent: %v", err)
-	}
-	if err := c.Delete(e.ctx, &agents.Items[0]); err != nil {
+	agent := e.agentOn(p.Spec.NodeName)
+	if err := c.Delete(e.ctx, agent); err != nil {
 		t.Fatal(err)
 	}
 	if phase, _ := e.wait("long-build"); phase != corev1.PodSucceeded {
@@ -219,7 +215,7 @@ func TestDeletingACacheDeletesItsData(t *testing.T) {
 	e := newEnv(t)
 	e.run(buildPod("w", "doomed", "write", "builder", `echo x > /cache/x`, nil))
 	e.settled()
-	dir := filepath.Join("/var/lib/layercache/caches", e.ns, "doomed")
+	dir := filepath.Join(storeDir(e.nodeOf("w")), "caches", e.ns, "doomed")
 	ca := &v1alpha1.Cache{}
 	e.eventually("the Cache", 30*time.Second, func() bool {
 		return c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: "doomed"}, ca) == nil

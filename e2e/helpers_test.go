@@ -10,6 +10,8 @@ import (
 	"context"
 	"fmt"
 	"os"
+	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -27,7 +29,10 @@ import (
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 )
 
-const kubeconfig = "/var/lib/layercache-cluster/admin.kubeconfig"
+const (
+	clusterState = "/var/lib/layercache-cluster"
+	kubeconfig   = clusterState + "/admin.kubeconfig"
+)
 
 var (
 	c  client.Client
@@ -190,6 +195,64 @@ func (e *env) read(cache, name string) string {
 		e.t.Fatalf("reader %s: %s: %s", name, phase, out)
 	}
 	e.settled()
+	return out
+}
+
+// nodeOf is the node the pod ran on.
+func (e *env) nodeOf(pod string) string {
+	e.t.Helper()
+	p := &corev1.Pod{}
+	if err := c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: pod}, p); err != nil {
+		e.t.Fatal(err)
+	}
+	return p.Spec.NodeName
+}
+
+// storeDir is where node keeps its caches, seen from this host: node 1 is
+// the host; node K (2..9) of the local cluster keeps its own directories
+// in its mount namespace, below the cluster's state (hack/cluster/node.sh).
+func storeDir(node string) string {
+	if len(node) == 5 && strings.HasPrefix(node, "node") && node[4] >= '2' && node[4] <= '9' {
+		return filepath.Join(clusterState, "nodes", node, "fs", "layercache")
+	}
+	return "/var/lib/layercache"
+}
+
+// agentOn is the node agent's pod on node.
+func (e *env) agentOn(node string) *corev1.Pod {
+	e.t.Helper()
+	agents := &corev1.PodList{}
+	if err := c.List(e.ctx, agents, client.InNamespace("layercache-system"),
+		client.MatchingLabels{"app.kubernetes.io/component": "node-agent"}); err != nil {
+		e.t.Fatal(err)
+	}
+	for i := range agents.Items {
+		if agents.Items[i].Spec.NodeName == node {
+			return &agents.Items[i]
+		}
+	}
+	e.t.Fatalf("no node agent on %s", node)
+	return nil
+}
+
+// on pins a pod to node.
+func on(node string, p *corev1.Pod) *corev1.Pod {
+	p.Spec.NodeSelector = map[string]string{corev1.LabelHostname: node}
+	return p
+}
+
+// nodeNames lists the cluster's nodes, sorted.
+func (e *env) nodeNames() []string {
+	e.t.Helper()
+	nodes := &corev1.NodeList{}
+	if err := c.List(e.ctx, nodes); err != nil {
+		e.t.Fatal(err)
+	}
+	var out []string
+	for _, n := range nodes.Items {
+		out = append(out, n.Name)
+	}
+	slices.Sort(out)
 	return out
 }
 

@@ -29,6 +29,7 @@ const (
 	fileHead       = "HEAD"
 	fileLastUsed   = "LAST_USED"
 	fileVolume     = "volume.json"
+	fileOwner      = "OWNER"
 )
 
 // Errors callers can test with errors.Is.
@@ -101,6 +102,21 @@ func Open(root string, opts Options) (*Store, error) {
 		}
 	}
 	return s, nil
+}
+
+// Owner returns what SetOwner last recorded ("" if nothing): who the
+// store's data belongs to, such as the UID of the Kubernetes Node.
+func (s *Store) Owner() (string, error) {
+	data, err := os.ReadFile(filepath.Join(s.root, fileOwner))
+	if errors.Is(err, fs.ErrNotExist) {
+		return "", nil
+	}
+	return strings.TrimSpace(string(data)), err
+}
+
+// SetOwner records owner durably (see Owner).
+func (s *Store) SetOwner(owner string) error {
+	return writeFileAtomic(s.root, fileOwner, []byte(owner+"\n"))
 }
 
 // Root returns the store's directory.

@@ -103,6 +103,25 @@ func (s *Store) CreateVolume(id string, k Key, opts VolumeOptions) (*Volume, err
 	return v, nil
 }
 
+// lockVolume reads volume id and locks its cache, reading the volume again
+// under the lock (a commit or a discard may have changed it meanwhile). The
+// caller unlocks.
+func (s *Store) lockVolume(id string) (*Volume, *flock, error) {
+	v, err := s.Volume(id)
+	if err != nil {
+		return nil, nil, err
+	}
+	lock, err := s.lockCache(v.Cache)
+	if err != nil {
+		return nil, nil, err
+	}
+	if v, err = s.Volume(id); err != nil {
+		lock.unlock()
+		return nil, nil, err
+	}
+	return v, lock, nil
+}
+
 // Volume reads volume id.
 func (s *Store) Volume(id string) (*Volume, error) {
 	if err := ValidateVolumeID(id); err != nil {
@@ -205,18 +224,11 @@ func (s *Store) Mount(id, target string) error {
 		return fmt.Errorf("mount target %q: must be an absolute path", target)
 	}
 	target = filepath.Clean(target)
-	v, err := s.Volume(id)
-	if err != nil {
-		return err
-	}
-	lock, err := s.lockCache(v.Cache)
+	v, lock, err := s.lockVolume(id)
 	if err != nil {
 		return err
 	}
 	defer lock.unlock()
-	if v, err = s.Volume(id); err != nil { // re-read under the lock
-		return err
-	}
 	if v.CommitLayer != "" {
 		return fmt.Errorf("volume %s is being committed: %w", id, ErrConflict)
 	}
@@ -303,18 +315,11 @@ type CommitResult struct {
 // ForbidCommit marks volume id so that its writes are never committed,
 // saying why. It may be mounted.
 func (s *Store) ForbidCommit(id, why string) error {
-	v, err := s.Volume(id)
-	if err != nil {
-		return err
-	}
-	lock, err := s.lockCache(v.Cache)
+	v, lock, err := s.lockVolume(id)
 	if err != nil {
 		return err
 	}
 	defer lock.unlock()
-	if v, err = s.Volume(id); err != nil {
-		return err
-	}
 	if v.CommitLayer != "" {
 		return fmt.Errorf("volume %s is being committed: %w", id, ErrConflict)
 	}
@@ -358,20 +363,13 @@ func (s *Store) Commit(id string) (CommitResult, error) {
 // success. Committing a volume that a crash interrupted finishes that
 // commit.
 func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) {
-	v, err := s.Volume(id)
-	if err != nil {
-		return CommitResult{}, err
-	}
-	if !v.Writable {
-		return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, ErrNotWritable)
-	}
-	lock, err := s.lockCache(v.Cache)
+	v, lock, err := s.lockVolume(id)
 	if err != nil {
 		return CommitResult{}, err
 	}
 	defer lock.unlock()
-	if v, err = s.Volume(id); err != nil {
-		return CommitResult{}, err
+	if !v.Writable {
+		return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, ErrNotWritable)
 	}
 	if err := s.ensureUnmounted(id); err != nil {
 		return CommitResult{}, err

@@ -4,15 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"slices"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -22,12 +20,18 @@ import (
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/finalizers"
+	"github.com/layercache/layercache/internal/logs"
 )
 
-// CacheReconciler is the node side of a Cache: it keeps this node's entry
-// in the Cache's status, deletes the cache's data on this node when the
-// Cache is deleted (once no volume uses it), and evicts it when unused for
-// longer than spec.ttl.
+// +kubebuilder:rbac:groups=layercache.io,resources=nodecaches,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups=layercache.io,resources=nodecaches/status,verbs=get;update;patch
+
+// CacheReconciler is the node side of a cache: it reconciles this node's
+// NodeCaches (the agent's cache holds no other), deleting the cache's data
+// here when its NodeCache is deleted (once no volume uses it), evicting it
+// when unused for longer than the ttl, and keeping the NodeCache's status
+// in line with the disk. It never watches Caches: a commit on another node
+// never wakes it.
 type CacheReconciler struct {
 	client.Client
 	Store    *engine.Store
@@ -39,24 +43,19 @@ type CacheReconciler struct {
 
 // SetupWithManager registers the reconciler.
 func (r *CacheReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	return ctrl.NewControllerManagedBy(mgr).Named("cache").For(&v1alpha1.Cache{}).Complete(r)
-}
-
-func finalizer(node string) string {
-	return v1alpha1.FinalizerCachePrefix + v1alpha1.NodeLabelValue(node)
-}
-
-func fieldOwner(node string) client.FieldOwner {
-	return client.FieldOwner("layercache-node/" + v1alpha1.NodeLabelValue(node))
+	return ctrl.NewControllerManagedBy(mgr).Named("nodecache").For(&v1alpha1.NodeCache{}).Complete(r)
 }
 
 // Reconcile implements reconcile.Reconciler.
 func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
-	c := &v1alpha1.Cache{}
-	if err := r.Get(ctx, req.NamespacedName, c); err != nil {
+	nc := &v1alpha1.NodeCache{}
+	if err := r.Get(ctx, req.NamespacedName, nc); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
-	key := engine.Key{Namespace: c.Namespace, Name: c.Name}
+	if nc.Spec.Node != r.NodeName {
+		return ctrl.Result{}, nil
+	}
+	key := engine.Key{Namespace: nc.Namespace, Name: nc.Spec.Cache}
 	if key.Validate() != nil {
 		return ctrl.Result{}, nil
 	}
@@ -65,87 +64,81 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 	if err != nil && !errors.Is(err, engine.ErrNotFound) {
 		return ctrl.Result{}, err
 	}
-	if c.DeletionTimestamp != nil {
-		if !controllerutil.ContainsFinalizer(c, finalizer(r.NodeName)) {
+	if nc.DeletionTimestamp != nil {
+		if !controllerutil.ContainsFinalizer(nc, v1alpha1.FinalizerNodeData) {
 			return ctrl.Result{}, nil
 		}
 		if here {
-			if res, err := r.removeData(ctx, c, key); err != nil || !res.IsZero() {
+			if res, err := r.removeData(ctx, key); err != nil || !res.IsZero() {
 				return res, err
 			}
-			r.Recorder.Eventf(c, corev1.EventTypeNormal, ReasonCacheDeleted, "Deleted the cache's data on node %s", r.NodeName)
+			r.event(ctx, key, corev1.EventTypeNormal, ReasonCacheDeleted, "Deleted the cache's data on node %s", r.NodeName)
 		}
-		return ctrl.Result{}, r.dropFinalizer(ctx, c)
+		_, err := finalizers.Remove(ctx, r.Client, nc, v1alpha1.FinalizerNodeData)
+		return ctrl.Result{}, err
 	}
 	if !here {
-		// No data here (evicted, deleted, or never): make sure the Cache
-		// does not say otherwise, even if an earlier withdrawal failed.
-		return ctrl.Result{}, r.withdraw(ctx, c, key)
+		// No data here (evicted, deleted, or never): the NodeCache must not
+		// say otherwise.
+		return ctrl.Result{}, r.withdraw(ctx, nc)
 	}
-	if ttl := c.Spec.TTL; ttl != nil && ttl.Duration > 0 && len(info.Volumes) == 0 {
+	if ttl := nc.Spec.TTL; ttl != nil && ttl.Duration > 0 && len(info.Volumes) == 0 {
 		idle := r.now().Sub(info.LastUsed)
 		if idle >= ttl.Duration {
-			return r.evict(ctx, c, key, fmt.Sprintf("unused for %s (ttl %s)", idle.Round(time.Second), ttl.Duration))
+			return r.evict(ctx, nc, key, fmt.Sprintf("unused for %s (ttl %s)", idle.Round(time.Second), ttl.Duration))
 		}
-		return ctrl.Result{RequeueAfter: ttl.Duration - idle}, r.reportIfStale(ctx, c, key, info)
+		return ctrl.Result{RequeueAfter: ttl.Duration - idle}, r.reportIfStale(ctx, nc, key, info)
 	}
-	return ctrl.Result{}, r.reportIfStale(ctx, c, key, info)
+	return ctrl.Result{}, r.reportIfStale(ctx, nc, key, info)
 }
 
-// reportIfStale reports this node's entry when it is missing or disagrees
+// reportIfStale reports this node's state when the NodeCache disagrees
 // with the head on disk. Measuring the cache walks every layer (0.12 s for
-// 50,000 files), and most Cache events (the manager's summary, a spec
-// change) change nothing here; sizes are refreshed by the maintenance pass
-// after GC, when they change.
-func (r *CacheReconciler) reportIfStale(ctx context.Context, c *v1alpha1.Cache, key engine.Key, info engine.CacheInfo) error {
-	n := findNode(c.Status.Nodes, r.NodeName)
-	if n != nil && info.Head != nil && n.Generation == info.Head.Number && int(n.Layers) == len(info.Head.Layers) &&
-		controllerutil.ContainsFinalizer(c, finalizer(r.NodeName)) {
+// 50,000 files), and most events (a ttl copied in) change nothing here;
+// sizes are refreshed by the maintenance pass after GC, when they change.
+func (r *CacheReconciler) reportIfStale(ctx context.Context, nc *v1alpha1.NodeCache, key engine.Key, info engine.CacheInfo) error {
+	if info.Head != nil && nc.Status.Generation == info.Head.Number && int(nc.Status.Layers) == len(info.Head.Layers) {
 		return nil
 	}
 	return ensureCacheAndReport(ctx, r.Client, r.Store, r.NodeName, key)
 }
 
-// evict deletes the cache's data on this node and withdraws the node from
-// the Cache (status entry, finalizer). c may be nil (no Cache object).
-func (r *CacheReconciler) evict(ctx context.Context, c *v1alpha1.Cache, key engine.Key, why string) (ctrl.Result, error) {
-	if res, err := r.removeData(ctx, c, key); err != nil || !res.IsZero() {
+// evict deletes the cache's data on this node and withdraws the node's
+// NodeCache. nc may be nil (no NodeCache).
+func (r *CacheReconciler) evict(ctx context.Context, nc *v1alpha1.NodeCache, key engine.Key, why string) (ctrl.Result, error) {
+	if res, err := r.removeData(ctx, key); err != nil || !res.IsZero() {
 		return res, err
 	}
 	logf.FromContext(ctx).Info("Evicted cache", "cache", cacheRef(key), "why", why)
-	if c == nil {
+	r.event(ctx, key, corev1.EventTypeNormal, ReasonCacheEvicted, "Evicted from node %s: %s", r.NodeName, why)
+	if nc == nil {
 		return ctrl.Result{}, nil
 	}
-	r.Recorder.Eventf(c, corev1.EventTypeNormal, ReasonCacheEvicted, "Evicted from node %s: %s", r.NodeName, why)
-	return ctrl.Result{}, r.withdraw(ctx, c, key)
+	return ctrl.Result{}, r.withdraw(ctx, nc)
 }
 
-// withdraw removes this node's status entry and finalizer from the Cache.
-// The entry goes by a merge patch under an optimistic lock (a concurrent
-// change by another node makes it conflict and retry, never lose data):
-// server-side apply cannot drop the last field of a status.
-func (r *CacheReconciler) withdraw(ctx context.Context, c *v1alpha1.Cache, key engine.Key) error {
-	if findNode(c.Status.Nodes, r.NodeName) != nil {
-		before := c.DeepCopy()
-		c.Status.Nodes = slices.DeleteFunc(c.Status.Nodes, func(n v1alpha1.NodeCacheStatus) bool { return n.Node == r.NodeName })
-		patch := client.MergeFromWithOptions(before, client.MergeFromWithOptimisticLock{})
-		if err := r.Status().Patch(ctx, c, patch); client.IgnoreNotFound(err) != nil {
-			return fmt.Errorf("removing node %s from Cache %s: %w", r.NodeName, key, err)
+// withdraw deletes this node's NodeCache: the node holds none of the
+// cache's data. Its finalizer goes too, there being nothing to delete.
+func (r *CacheReconciler) withdraw(ctx context.Context, nc *v1alpha1.NodeCache) error {
+	if nc.DeletionTimestamp == nil {
+		if err := r.Delete(ctx, nc); err != nil {
+			return client.IgnoreNotFound(err)
 		}
 	}
-	return r.dropFinalizer(ctx, c)
+	_, err := finalizers.Remove(ctx, r.Client, nc, v1alpha1.FinalizerNodeData)
+	return err
 }
 
 // EvictKey evicts cache key from this node (for the disk budget).
 func (r *CacheReconciler) EvictKey(ctx context.Context, key engine.Key, why string) error {
-	c := &v1alpha1.Cache{}
-	if err := r.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, c); err != nil {
-		if !apierrors.IsNotFound(err) {
-			return err
-		}
-		c = nil
+	nc := &v1alpha1.NodeCache{}
+	err := r.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: v1alpha1.NodeCacheName(key.Name, r.NodeName)}, nc)
+	if apierrors.IsNotFound(err) {
+		nc = nil
+	} else if err != nil {
+		return err
 	}
-	res, err := r.evict(ctx, c, key, why)
+	res, err := r.evict(ctx, nc, key, why)
 	if err == nil && !res.IsZero() {
 		err = fmt.Errorf("cache %s: %w", key, engine.ErrInUse)
 	}
@@ -159,12 +152,20 @@ func (r *CacheReconciler) now() time.Time {
 	return time.Now()
 }
 
+// event records an event on the Cache of key, if there is one.
+func (r *CacheReconciler) event(ctx context.Context, key engine.Key, kind, reason, format string, args ...any) {
+	c := &v1alpha1.Cache{}
+	if r.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, c) == nil {
+		r.Recorder.Eventf(c, kind, reason, format, args...)
+	}
+}
+
 // removeData deletes the cache on this node, waiting while volumes use it.
-func (r *CacheReconciler) removeData(ctx context.Context, _ *v1alpha1.Cache, key engine.Key) (ctrl.Result, error) {
+func (r *CacheReconciler) removeData(ctx context.Context, key engine.Key) (ctrl.Result, error) {
 	err := r.Store.DeleteCache(key)
 	switch {
 	case errors.Is(err, engine.ErrInUse):
-		logf.FromContext(ctx).Info("Cache still in use on this node; deleting its data later", "cache", cacheRef(key))
+		logf.FromContext(ctx).V(logs.Debug).Info("Cache still in use on this node; deleting its data later", "cache", cacheRef(key))
 		return ctrl.Result{RequeueAfter: 5 * time.Second}, nil
 	case err != nil && !errors.Is(err, engine.ErrNotFound):
 		return ctrl.Result{}, err
@@ -173,14 +174,10 @@ func (r *CacheReconciler) removeData(ctx context.Context, _ *v1alpha1.Cache, key
 	return ctrl.Result{}, nil
 }
 
-func (r *CacheReconciler) dropFinalizer(ctx context.Context, c *v1alpha1.Cache) error {
-	_, err := finalizers.Remove(ctx, r.Client, c, finalizer(r.NodeName))
-	return err
-}
-
-// ensureCacheAndReport creates the Cache if absent (at the first commit),
-// adds this node's finalizer, and applies this node's status entry from
-// what is on disk.
+// ensureCacheAndReport creates the Cache if absent (at the first commit)
+// and this node's NodeCache (owned by the Cache, holding the node's
+// finalizer), and writes the node's state from what is on disk into the
+// NodeCache's status. Nothing is written when nothing changed.
 func ensureCacheAndReport(ctx context.Context, c client.Client, store *engine.Store, node string, key engine.Key) error {
 	info, err := store.Inspect(key)
 	if errors.Is(err, engine.ErrNotFound) || (err == nil && info.Head == nil) {
@@ -196,58 +193,68 @@ func ensureCacheAndReport(ctx context.Context, c client.Client, store *engine.St
 	cache := &v1alpha1.Cache{}
 	err = c.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, cache)
 	if apierrors.IsNotFound(err) {
-		cache = &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name,
-			Finalizers: []string{finalizer(node)}}}
-		if err := c.Create(ctx, cache); err != nil && !apierrors.IsAlreadyExists(err) {
-			return fmt.Errorf("creating Cache %s: %w", key, err)
+		cache = &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name}}
+		if err = c.Create(ctx, cache); apierrors.IsAlreadyExists(err) {
+			err = c.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, cache)
 		}
-	} else if err != nil {
-		return err
-	} else if cache.DeletionTimestamp != nil {
-		return nil // being deleted: its CacheReconciler removes the data
-	} else if _, err := finalizers.Add(ctx, c, cache, finalizer(node)); err != nil {
+	}
+	if err != nil {
+		return fmt.Errorf("reading Cache %s: %w", key, err)
+	}
+	if cache.DeletionTimestamp != nil {
+		return nil // being deleted: its NodeCaches go, and the data with them
+	}
+	nc, err := ensureNodeCache(ctx, c, cache, node)
+	if err != nil || nc == nil {
 		return err
 	}
 	h := info.Head
-	created := metav1.NewTime(h.Created)
-	used := metav1.NewTime(info.LastUsed)
-	entry := &v1alpha1.NodeCacheStatus{
+	created := metav1.NewTime(h.Created.Truncate(time.Second))
+	used := metav1.NewTime(info.LastUsed.Truncate(time.Second))
+	entry := v1alpha1.NodeCacheStatus{
 		Node: node, Generation: h.Number, Layers: int32(len(h.Layers)),
 		Size: *resource.NewQuantity(usage.Bytes, resource.BinarySI), LastUsedTime: &used,
 	}
 	if h.Source == "commit" || h.Labels[LabelPod] != "" {
 		entry.LastCommitTime, entry.LastCommitPod = &created, h.Labels[LabelPod]
-	} else if prev := findNode(cache.Status.Nodes, node); prev != nil {
+	} else {
 		// A compaction is not a commit: keep the last commit's time and pod.
-		entry.LastCommitTime, entry.LastCommitPod = prev.LastCommitTime, prev.LastCommitPod
+		entry.LastCommitTime, entry.LastCommitPod = nc.Status.LastCommitTime, nc.Status.LastCommitPod
 	}
 	cacheBytes.WithLabelValues(key.Namespace, key.Name).Set(float64(usage.Bytes))
-	return applyNodeEntry(ctx, c, node, key, entry)
+	if equality.Semantic.DeepEqual(nc.Status, entry) {
+		return nil
+	}
+	before := nc.DeepCopy()
+	nc.Status = entry
+	return client.IgnoreNotFound(c.Status().Patch(ctx, nc, client.MergeFrom(before)))
 }
 
-func findNode(nodes []v1alpha1.NodeCacheStatus, node string) *v1alpha1.NodeCacheStatus {
-	for i := range nodes {
-		if nodes[i].Node == node {
-			return &nodes[i]
+// ensureNodeCache returns node's NodeCache of cache, created if absent; nil
+// if it is being deleted.
+func ensureNodeCache(ctx context.Context, c client.Client, cache *v1alpha1.Cache, node string) (*v1alpha1.NodeCache, error) {
+	nc := &v1alpha1.NodeCache{}
+	key := client.ObjectKey{Namespace: cache.Namespace, Name: v1alpha1.NodeCacheName(cache.Name, node)}
+	err := c.Get(ctx, key, nc)
+	if apierrors.IsNotFound(err) {
+		nc = &v1alpha1.NodeCache{
+			ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name,
+				Labels:     map[string]string{v1alpha1.LabelCache: cache.Name, v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)},
+				Finalizers: []string{v1alpha1.FinalizerNodeData}},
+			Spec: v1alpha1.NodeCacheSpec{Cache: cache.Name, Node: node, TTL: cache.Spec.TTL.DeepCopy()},
+		}
+		if err := controllerutil.SetControllerReference(cache, nc, c.Scheme()); err != nil {
+			return nil, err
+		}
+		if err = c.Create(ctx, nc); apierrors.IsAlreadyExists(err) {
+			err = c.Get(ctx, key, nc)
 		}
 	}
-	return nil
-}
-
-// applyNodeEntry sets this node's entry in the Cache's status by
-// server-side apply: each node owns its own entry of the list (keyed by
-// node), so nodes never conflict.
-func applyNodeEntry(ctx context.Context, c client.Client, node string, key engine.Key, entry *v1alpha1.NodeCacheStatus) error {
-	raw, err := runtime.DefaultUnstructuredConverter.ToUnstructured(entry)
 	if err != nil {
-		return err
+		return nil, fmt.Errorf("reading NodeCache %s: %w", key, err)
 	}
-	status := map[string]any{"nodes": []any{raw}}
-	u := &unstructured.Unstructured{Object: map[string]any{
-		"apiVersion": v1alpha1.GroupVersion.String(), "kind": "Cache",
-		"metadata": map[string]any{"name": key.Name, "namespace": key.Namespace},
-		"status":   status,
-	}}
-	err = c.Status().Patch(ctx, u, client.Apply, fieldOwner(node), client.ForceOwnership)
-	return client.IgnoreNotFound(err)
+	if nc.DeletionTimestamp != nil {
+		return nil, nil
+	}
+	return nc, nil
 }

@@ -185,12 +185,12 @@ func TestReportAfterCommitIsRetried(t *testing.T) {
 	if _, err := r.Reconcile(ctx, req); err != nil {
 		t.Fatalf("the retry: %v", err)
 	}
-	c := &v1alpha1.Cache{}
-	if err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns.Name, Name: "reported"}, c); err != nil {
+	nc := &v1alpha1.NodeCache{}
+	if err := env.Client.Get(ctx, client.ObjectKey{Namespace: ns.Name, Name: v1alpha1.NodeCacheName("reported", "node-a")}, nc); err != nil {
 		t.Fatal(err)
 	}
-	if len(c.Status.Nodes) != 1 || c.Status.Nodes[0].Generation != 1 {
-		t.Fatalf("status after the retry = %+v", c.Status)
+	if nc.Status.Generation != 1 || nc.Status.Node != "node-a" {
+		t.Fatalf("status after the retry = %+v", nc.Status)
 	}
 	select {
 	case ev := <-events.Events:

@@ -44,6 +44,9 @@ func (m *Maintenance) NeedLeaderElection() bool { return false }
 func (m *Maintenance) Start(ctx context.Context) error {
 	log := logf.FromContext(ctx).WithName("maintenance")
 	ctx = logf.IntoContext(ctx, log)
+	if err := m.ForgetIfReplaced(ctx); err != nil {
+		log.Error(err, "Checking whether the node was replaced failed")
+	}
 	m.Pass(ctx) // at start: resume after a restart
 	tick := time.NewTicker(m.Interval)
 	defer tick.Stop()
@@ -71,6 +74,37 @@ func (m *Maintenance) compact(ctx context.Context, key engine.Key) {
 			logf.FromContext(ctx).Error(err, "Reporting the cache failed", "cache", cacheRef(key))
 		}
 	}
+}
+
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get
+
+// ForgetIfReplaced deletes the caches of a store whose Node was deleted
+// from the cluster and has registered again (its UID changed): while it was
+// gone, the manager let its NodeCaches go, and its Caches may have been
+// deleted since, so its data is stale and must not come back. A cache that
+// a volume still uses stays. The store records the Node's UID.
+func (m *Maintenance) ForgetIfReplaced(ctx context.Context) error {
+	node := &corev1.Node{}
+	if err := m.APIReader.Get(ctx, client.ObjectKey{Name: m.Caches.NodeName}, node); err != nil {
+		return fmt.Errorf("reading node %s: %w", m.Caches.NodeName, err)
+	}
+	owner, err := m.Store.Owner()
+	if err != nil || owner == string(node.UID) {
+		return err
+	}
+	if owner != "" {
+		keys, err := m.Store.Keys()
+		if err != nil {
+			return err
+		}
+		for _, k := range keys {
+			if err := m.Store.DeleteCache(k); err != nil && !errors.Is(err, engine.ErrNotFound) {
+				logf.FromContext(ctx).Error(err, "Keeping a cache of the node's previous life", "cache", cacheRef(k))
+			}
+		}
+		logf.FromContext(ctx).Info("The node was deleted and has registered again: forgot the caches it held", "caches", len(keys))
+	}
+	return m.Store.SetOwner(string(node.UID))
 }
 
 // Pass runs one round of maintenance; errors are logged, not returned:

@@ -17,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
 	"k8s.io/client-go/util/retry"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -39,6 +40,7 @@ type nodeSuite struct {
 	driver *Driver
 	maint  *Maintenance
 	rec    record.EventRecorder
+	cfg    *rest.Config
 }
 
 func startNode(t *testing.T) *nodeSuite {
@@ -48,7 +50,7 @@ func startNode(t *testing.T) *nodeSuite {
 	store, dir := newStore(t)
 	env := testenv.Start(t)
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
-		Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Cache: CacheOptions("node-a"),
+		Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Cache: CacheOptions("node-a"), Client: ClientOptions(),
 		// go test -count=N starts this manager N times in one process.
 		Controller: ctrlconfig.Controller{SkipNameValidation: &skipNameValidation},
 	})
@@ -60,7 +62,7 @@ func startNode(t *testing.T) *nodeSuite {
 	}
 	ctx := testenv.RunManager(t, mgr)
 	caches := &CacheReconciler{Client: env.Client, Store: store, NodeName: "node-a", Recorder: mgr.GetEventRecorderFor("test")}
-	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"}, rec: mgr.GetEventRecorderFor("test"),
+	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"}, rec: mgr.GetEventRecorderFor("test"), cfg: env.Config,
 		maint: &Maintenance{APIReader: env.Client, Store: store, Caches: caches, Interval: time.Hour, OrphanGrace: time.Nanosecond}}
 }
 
@@ -200,6 +202,16 @@ func (s *nodeSuite) content(key engine.Key) map[string]string {
 	return out
 }
 
+// nodeCache waits for node-a's NodeCache of cache, with a status.
+func (s *nodeSuite) nodeCache(ns, cache string) *v1alpha1.NodeCache {
+	s.t.Helper()
+	nc := &v1alpha1.NodeCache{}
+	s.eventually("the NodeCache of "+cache, func() bool {
+		return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName(cache, "node-a")}, nc) == nil && nc.Status.Generation > 0
+	})
+	return nc
+}
+
 func (s *nodeSuite) events(ns, name string) string {
 	list := &corev1.EventList{}
 	s.c.List(s.ctx, list, client.InNamespace(ns), client.MatchingFieldsSelector{Selector: fields.OneTermEqualSelector("involvedObject.name", name)})
@@ -241,13 +253,17 @@ func TestNodeAgentLifecycle(t *testing.T) {
 		if got := s.content(key); got["a"] != "1" {
 			t.Fatalf("cache content = %v", got)
 		}
-		s.eventually("the Cache status", func() bool { return getCache() == nil && len(cache.Status.Nodes) == 1 })
-		n := cache.Status.Nodes[0]
+		nc := s.nodeCache(ns, "example-project")
+		n := nc.Status
 		if n.Node != "node-a" || n.Generation != 1 || n.LastCommitPod != "ci/build-pvc-1" || n.Size.IsZero() || n.LastCommitTime == nil {
 			t.Errorf("node entry = %+v", n)
 		}
-		if cache.Finalizers[0] != "layercache.io/node-node-a" {
-			t.Errorf("finalizers = %v", cache.Finalizers)
+		if err := getCache(); err != nil {
+			t.Fatalf("the Cache was not created: %v", err)
+		}
+		if !slices.Equal(nc.Finalizers, []string{v1alpha1.FinalizerNodeData}) || !metav1.IsControlledBy(nc, cache) ||
+			nc.Labels[v1alpha1.LabelNode] != "node-a" || nc.Labels[v1alpha1.LabelCache] != "example-project" || nc.Spec.Node != "node-a" {
+			t.Errorf("NodeCache = %+v", nc.ObjectMeta)
 		}
 		s.eventually("a Committed event", func() bool {
 			return strings.Contains(s.events(ns, "example-project"), "Committed: Node node-a: generation 1")
@@ -329,15 +345,15 @@ func TestNodeAgentLifecycle(t *testing.T) {
 		}
 	})
 
-	t.Run("deleting the Cache deletes its data on the node", func(t *testing.T) {
+	t.Run("deleting the NodeCache deletes its data on the node", func(t *testing.T) {
 		s.t = t
-		if err := getCache(); err != nil {
+		nc := s.nodeCache(ns, "example-project")
+		if err := s.c.Delete(s.ctx, nc); err != nil {
 			t.Fatal(err)
 		}
-		if err := s.c.Delete(s.ctx, cache); err != nil {
-			t.Fatal(err)
-		}
-		s.eventually("the Cache to be gone", func() bool { return apierrors.IsNotFound(getCache()) })
+		s.eventually("the NodeCache to be gone", func() bool {
+			return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(nc), nc))
+		})
 		if _, err := s.store.Inspect(key); err == nil {
 			t.Fatal("the cache's data is still on the node")
 		}
@@ -350,16 +366,19 @@ func TestNodeAgentLifecycle(t *testing.T) {
 		s.build(pv, map[string]string{"x": "1"}, false)
 		s.release(pv, "Succeeded", false)
 		s.pvGone(pv)
-		c := &v1alpha1.Cache{}
-		s.eventually("the Cache", func() bool { return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: "short-lived"}, c) == nil })
-		s.updateCache(ns, "short-lived", func(c *v1alpha1.Cache) { c.Spec.TTL = &metav1.Duration{Duration: time.Second} })
+		// The manager copies the Cache's ttl to its NodeCaches.
+		nc := s.nodeCache(ns, "short-lived")
+		patch := client.MergeFrom(nc.DeepCopy())
+		nc.Spec.TTL = &metav1.Duration{Duration: time.Second}
+		if err := s.c.Patch(s.ctx, nc, patch); err != nil {
+			t.Fatal(err)
+		}
 		s.eventually("the eviction", func() bool {
 			_, err := s.store.Inspect(ttlKey)
 			return err != nil
 		})
-		s.eventually("the node to leave the Cache", func() bool {
-			err := s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c)
-			return err == nil && len(c.Status.Nodes) == 0 && len(c.Finalizers) == 0
+		s.eventually("the node's NodeCache to go", func() bool {
+			return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(nc), nc))
 		})
 		if ev := s.events(ns, "short-lived"); !strings.Contains(ev, "CacheEvicted") {
 			t.Errorf("events = %s", ev)

@@ -31,11 +31,21 @@ type Options struct {
 	SizeCheckInterval time.Duration
 }
 
-// CacheOptions restricts a node agent's cache to the PVs of its own node.
+// CacheOptions restricts a node agent's cache, hence what it watches and
+// reconciles, to the PVs and NodeCaches of its own node.
 func CacheOptions(node string) cache.Options {
+	own := labels.SelectorFromSet(labels.Set{v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)})
 	return cache.Options{ByObject: map[client.Object]cache.ByObject{
-		&corev1.PersistentVolume{}: {Label: labels.SelectorFromSet(labels.Set{v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)})},
+		&corev1.PersistentVolume{}: {Label: own},
+		&v1alpha1.NodeCache{}:      {Label: own},
 	}}
+}
+
+// ClientOptions make a node agent read Caches (a commit checks readOnly and
+// maxSize) straight from the API server: caching them would mean watching
+// every Cache of the cluster.
+func ClientOptions() client.Options {
+	return client.Options{Cache: &client.CacheOptions{DisableFor: []client.Object{&v1alpha1.Cache{}}}}
 }
 
 // Setup registers the node agent's servers, reconcilers and maintenance.

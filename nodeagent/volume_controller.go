@@ -58,8 +58,7 @@ type VolumeReconciler struct {
 }
 
 // +kubebuilder:rbac:groups="",resources=persistentvolumes,verbs=get;list;watch;update;patch;delete
-// +kubebuilder:rbac:groups=layercache.io,resources=caches,verbs=get;list;watch;create;update;patch
-// +kubebuilder:rbac:groups=layercache.io,resources=caches/status,verbs=get;update;patch
+// +kubebuilder:rbac:groups=layercache.io,resources=caches,verbs=get;create
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
 
 // SetupWithManager registers the reconciler. The manager's cache holds only

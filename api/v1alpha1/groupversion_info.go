@@ -1,4 +1,5 @@
-// Package v1alpha1 contains the layercache.io/v1alpha1 API: the Cache.
+// Package v1alpha1 contains the layercache.io/v1alpha1 API: the Cache, and
+// the NodeCache, its state on one node.
 // +kubebuilder:object:generate=true
 // +groupName=layercache.io
 package v1alpha1

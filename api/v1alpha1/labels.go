@@ -88,16 +88,16 @@ const (
 	AttrWrite     = "layercache.io/write"
 	AttrPodUID    = "layercache.io/pod-uid"
 
-	// LabelNode on a PV is NodeLabelValue of the node that holds it, so
-	// that a node agent watches only its own PVs.
+	// LabelNode on a PV or a NodeCache is NodeLabelValue of the node that
+	// holds it, so that a node agent watches only its own.
 	LabelNode = "layercache.io/node"
 
 	// FinalizerNode on a PV holds it until its node agent has committed or
 	// discarded the volume and removed its data.
 	FinalizerNode = "layercache.io/node-cleanup"
-	// FinalizerCachePrefix + NodeLabelValue(node) on a Cache holds it until
-	// that node has deleted the cache's data.
-	FinalizerCachePrefix = "layercache.io/node-"
+	// LegacyFinalizerCachePrefix + node was a node agent's finalizer on a
+	// Cache before NodeCaches; the manager removes what is left of them.
+	LegacyFinalizerCachePrefix = "layercache.io/node-"
 )
 
 // NodeLabelValue is name if it is a valid label value (63 characters or

@@ -100,6 +100,7 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 		// Tests start several managers in one process.
 		Controller: ctrlconfig.Controller{SkipNameValidation: &cfg.testing},
 		Cache:      nodeagent.CacheOptions(cfg.nodeName),
+		Client:     nodeagent.ClientOptions(),
 	})
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)

@@ -15,11 +15,15 @@ for p in /proc/[0-9]*; do
     */containerd|*/containerd-shim*|*/runc)
       [[ "$cmd" == *"$STATE"* ]] && left+=("process ${p#/proc/}: $cmd") ;;
   esac
+  # The holder of an extra node's namespaces.
+  [[ "$cmd" == "layercache-node-ns $STATE/"* ]] && left+=("process ${p#/proc/}: $cmd")
 done
 while read -r m; do left+=("mount $m"); done < <(awk '{print $5}' /proc/self/mountinfo |
   grep -E "^($STATE|$KUBELET_ROOT|/var/lib/layercache|/run/netns|/run/containerd)(/|$)")
 ls /run/netns/cni-* >/dev/null 2>&1 && left+=("network namespaces: $(ls /run/netns)")
 ip link show "$BRIDGE" >/dev/null 2>&1 && left+=("link $BRIDGE")
+ip link show "$NODES_BRIDGE" >/dev/null 2>&1 && left+=("link $NODES_BRIDGE")
+for n in $(ip netns list 2>/dev/null | awk '$1 ~ /^lcn[2-9]$/ {print $1}'); do left+=("network namespace $n"); done
 while read -r l; do [ -n "$l" ] && left+=("link $l"); done < <(ip -o link show type veth 2>/dev/null | awk -F': ' '{print $2}')
 for c in /sys/fs/cgroup/*/k8s.io; do [ -d "$c" ] && left+=("cgroup $c"); done
 for ipt in iptables ip6tables; do

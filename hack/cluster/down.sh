@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Stops the local cluster and removes everything it made: processes, mounts,
-# network namespaces, veths, the bridge, cgroups, CNI state, iptables chains
-# and its state directory. Safe to run when nothing is running. Ends with
-# check-clean.sh, which fails if anything is left.
+# network namespaces, veths, the bridges, cgroups, CNI state, iptables chains
+# and its state directory; the extra nodes' namespaces too (their mounts,
+# pod networks and iptables rules go with them). Safe to run when nothing
+# is running, and after a crash. Ends with check-clean.sh, which fails if
+# anything is left.
 set -uo pipefail
 . "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || die "must run as root"
@@ -22,6 +24,10 @@ stop() { # NAME: SIGTERM, wait up to 20s, then SIGKILL
   log "$1 did not stop in 20s: killed"
 }
 
+# The extra nodes that up.sh started, even partly.
+extra=$(ls "$NODES_STATE" 2>/dev/null | sed -n 's/^node\([2-9]\)$/\1/p')
+tasks_left() { local s; for s in $(containerd_socks); do ctr --address "$s" -n k8s.io tasks ls -q 2>/dev/null; done; }
+
 if [ -d "$STATE" ]; then
   if running kube-apiserver && running kubelet && running containerd; then
     log "deleting pods (the kubelet tears down their mounts, netns and cgroups)"
@@ -38,20 +44,24 @@ if [ -d "$STATE" ]; then
       sleep 1
     done
     kubectl_ delete pods --all -A --grace-period=2 --timeout=60s >/dev/null 2>&1
-    # Deleted from the API; wait until the kubelet has stopped the sandboxes.
+    # Deleted from the API; wait until the kubelets have stopped the sandboxes.
     for ((i = 0; i < 60; i++)); do
-      [ -z "$(ctr_ tasks ls -q 2>/dev/null)" ] && break
+      [ -z "$(tasks_left)" ] && break
       sleep 1
     done
   fi
   stop kubelet
   stop kube-proxy
+  for k in $extra; do stop "node$k-kubelet"; stop "node$k-kube-proxy"; done
+  # The extra nodes' rules go with their network namespaces.
   [ -x "$K8S_BIN/kube-proxy" ] && "$K8S_BIN/kube-proxy" --cleanup >/dev/null 2>&1
-  if running containerd; then
-    for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
+  for s in $(containerd_socks); do
+    ctr --address "$s" version >/dev/null 2>&1 || continue
+    for t in $(ctr --address "$s" -n k8s.io tasks ls -q 2>/dev/null); do ctr --address "$s" -n k8s.io tasks kill -s SIGKILL "$t" >/dev/null 2>&1; done
     sleep 1
-    for t in $(ctr_ tasks ls -q 2>/dev/null); do ctr_ tasks delete -f "$t" >/dev/null 2>&1; done
-  fi
+    for t in $(ctr --address "$s" -n k8s.io tasks ls -q 2>/dev/null); do ctr --address "$s" -n k8s.io tasks delete -f "$t" >/dev/null 2>&1; done
+  done
+  for k in $extra; do stop "node$k-containerd"; done
   for c in containerd kube-scheduler kube-controller-manager kube-apiserver etcd; do stop "$c"; done
 fi
 
@@ -59,10 +69,27 @@ fi
 for f in /sys/fs/cgroup/*/k8s.io/*/cgroup.procs; do
   [ -f "$f" ] && xargs -r kill -9 < "$f" 2>/dev/null
 done
+# Every node's containerd socket is below $STATE.
 for p in $(pgrep -f containerd-shim-runc-v2 2>/dev/null); do
-  tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- "$CONTAINERD_SOCK" && kill -9 "$p" 2>/dev/null
+  tr '\0' ' ' < "/proc/$p/cmdline" 2>/dev/null | grep -q -- "-address $STATE/" && kill -9 "$p" 2>/dev/null
 done
 sleep 0.5
+# The extra nodes: the holder of each one's mount namespace (the namespace
+# and all its mounts go once nothing runs in it), then its network
+# namespace (its veth, pod bridge and iptables rules go with it).
+for k in $extra; do stop "node$k-ns"; done
+for p in $(pgrep -f "^layercache-node-ns $NODES_STATE/" 2>/dev/null); do kill -9 "$p" 2>/dev/null; done
+for n in $(ip netns list 2>/dev/null | awk '$1 ~ /^lcn[2-9]$/ {print $1}'); do ip netns del "$n" 2>/dev/null; done
+# The kernel frees a network namespace, and the veth into it, a moment
+# after its last user is gone.
+for ((i = 0; i < 20; i++)); do
+  ip -o link show 2>/dev/null | grep -q ': lcn[2-9]-h@' || break
+  sleep 0.5
+done
+for l in $(ip -o link show 2>/dev/null | awk -F': ' '$2 ~ /^lcn[2-9]-h@/ {split($2, a, "@"); print a[1]}'); do
+  ip link del "$l" 2>/dev/null
+done
+ip link del "$NODES_BRIDGE" 2>/dev/null
 for c in /sys/fs/cgroup/*/k8s.io; do
   [ -d "$c" ] || continue
   find "$c" -depth -type d -exec rmdir {} \; 2>/dev/null

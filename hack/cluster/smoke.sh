@@ -18,6 +18,8 @@ metadata:
   name: overlay
 spec:
   terminationGracePeriodSeconds: 10
+  # Node 1, the host: the test reads the mount from the host.
+  nodeSelector: {kubernetes.io/hostname: $NODE_NAME}
   containers:
   - name: overlay
     image: localhost/busybox:dev

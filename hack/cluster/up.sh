@@ -1,38 +1,68 @@
 #!/usr/bin/env bash
-# Starts a real single-node Kubernetes on this machine: etcd, kube-apiserver,
-# kube-controller-manager, kube-scheduler, containerd, kubelet, kube-proxy.
-# Returns when the node is Ready and the default ServiceAccount exists.
-# Running it again while the cluster is up does nothing.
+# Starts a real Kubernetes on this machine: etcd, kube-apiserver,
+# kube-controller-manager, kube-scheduler, and on each node containerd, a
+# kubelet and kube-proxy. NODES=N (2..9) adds nodes 2..N as namespaces of
+# this host (node.sh). Returns when every node is Ready and the default
+# ServiceAccount exists. Running it again while the cluster is up does
+# nothing.
 set -euo pipefail
 . "$(dirname "$0")/lib.sh"
 
 [ "$(id -u)" = 0 ] || die "must run as root (it starts a kubelet and containerd)"
 "$REPO_ROOT/hack/cluster/install-deps.sh"
 "$REPO_ROOT/hack/k8s/build.sh" "$K8S_BIN"
+[[ "${NODES:-1}" =~ ^[1-9]$ ]] || die "NODES=$NODES: want 1 to 9"
 
-ready() {
-  kubectl_ get node "$NODE_NAME" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True &&
-    kubectl_ -n default get serviceaccount default >/dev/null 2>&1
+node_names() {
+  local k
+  echo "$NODE_NAME"
+  for ((k = 2; k <= $1; k++)); do echo "node$k"; done
 }
-all_running() {
-  local c
+ready() { # N
+  local n
+  for n in $(node_names "$1"); do
+    kubectl_ get node "$n" -o jsonpath='{.status.conditions[?(@.type=="Ready")].status}' 2>/dev/null | grep -qx True || return 1
+  done
+  kubectl_ -n default get serviceaccount default >/dev/null 2>&1
+}
+all_running() { # N
+  local c k
   for c in etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy; do
     running "$c" || return 1
   done
+  for ((k = 2; k <= $1; k++)); do
+    for c in ns containerd kubelet kube-proxy; do running "node$k-$c" || return 1; done
+  done
 }
-if all_running && ready; then
-  log "already up: export KUBECONFIG=$KUBECONFIG_PATH"
-  exit 0
+if [ -f "$STATE/nodes-count" ]; then
+  up=$(cluster_nodes)
+  [ -z "$NODES" ] || [ "$NODES" = "$up" ] ||
+    die "the cluster runs with $up node(s), not NODES=$NODES: make cluster-down first"
+  if all_running "$up" && ready "$up"; then
+    log "already up ($up node(s)): export KUBECONFIG=$KUBECONFIG_PATH"
+    exit 0
+  fi
 fi
-if [ -d "$STATE" ] && ! all_running; then
+NODES=${NODES:-1}
+if [ -d "$STATE" ]; then
   log "a previous cluster left state behind: cleaning it up first"
   "$REPO_ROOT/hack/cluster/down.sh"
 fi
 
 start=$(date +%s)
-NODE_IP=$(node_ip)
+mkdir -p "$STATE"/{logs,pids,etcd,kubelet,containerd,hostpath,pod-logs}
+echo "$NODES" > "$STATE/nodes-count"
+if [ "$NODES" -gt 1 ]; then
+  # Node 1's address is on the nodes' bridge, so that every node reaches
+  # it (and the API server it advertises) the same way.
+  NODE_IP=$NODES_NET.1
+  ip link show "$NODES_BRIDGE" >/dev/null 2>&1 || ip link add "$NODES_BRIDGE" type bridge
+  ip addr replace "$NODE_IP/24" dev "$NODES_BRIDGE"
+  ip link set "$NODES_BRIDGE" up
+else
+  NODE_IP=$(node_ip)
+fi
 export NODE_IP
-mkdir -p "$STATE"/{logs,pids,etcd,kubelet,containerd,cni/net.d,cni/ipam,hostpath,pod-logs}
 
 # Host paths that the kubelet, containerd and CNI plugins hard-code:
 # remember the ones we create, so that cluster-down removes exactly those.
@@ -43,6 +73,8 @@ if [ ! -f "$STATE/host-paths" ]; then
   touch "$STATE/host-paths"
   sysctl -n net.ipv4.ip_forward > "$STATE/ip_forward"
 fi
+# Pods reach other nodes' pods through this host.
+[ "$NODES" -gt 1 ] && sysctl -qw net.ipv4.ip_forward=1
 
 "$REPO_ROOT/hack/cluster/gen-pki.sh"
 
@@ -57,14 +89,6 @@ fi
 mount --make-rshared "$KUBELET_ROOT"
 mountpoint -q "$STATE/hostpath" || mount --bind "$STATE/hostpath" "$STATE/hostpath"
 mount --make-rshared "$STATE/hostpath"
-
-launch() { # NAME COMMAND...: start a component in the background
-  local name=$1
-  shift
-  if running "$name"; then return 0; fi
-  setsid "$@" > "$STATE/logs/$name.log" 2>&1 < /dev/null &
-  echo $! > "$STATE/pids/$name.pid"
-}
 
 log "starting etcd and the control plane"
 launch etcd "$K8S_BIN/etcd" --name local --data-dir "$STATE/etcd" \
@@ -99,35 +123,8 @@ launch kube-scheduler "$K8S_BIN/kube-scheduler" --kubeconfig="$PKI/scheduler.kub
   --leader-elect=false --bind-address=127.0.0.1
 
 log "starting containerd"
-cat > "$STATE/containerd/config.toml" <<EOT
-version = 2
-root = "$STATE/containerd/root"
-state = "$STATE/containerd/state"
-[grpc]
-  address = "$CONTAINERD_SOCK"
-[plugins."io.containerd.internal.v1.opt"]
-  path = "$STATE/containerd/opt"
-[plugins."io.containerd.grpc.v1.cri"]
-  sandbox_image = "registry.k8s.io/pause:3.10"
-  # Root here may lack CAP_SYS_RESOURCE, so a negative oom_score_adj (the
-  # sandbox default) makes runc fail; clamp to containerd's own score.
-  restrict_oom_score_adj = true
-  [plugins."io.containerd.grpc.v1.cri".containerd]
-    snapshotter = "overlayfs"
-    default_runtime_name = "runc"
-    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-      runtime_type = "io.containerd.runc.v2"
-  [plugins."io.containerd.grpc.v1.cri".cni]
-    bin_dir = "/usr/lib/cni"
-    conf_dir = "$STATE/cni/net.d"
-EOT
-cat > "$STATE/cni/net.d/10-layercache.conflist" <<EOT
-{"cniVersion": "0.4.0", "name": "layercache-local", "plugins": [
-  {"type": "bridge", "bridge": "$BRIDGE", "isGateway": true, "ipMasq": false, "hairpinMode": true,
-   "ipam": {"type": "host-local", "ranges": [[{"subnet": "$POD_CIDR"}]], "routes": [{"dst": "0.0.0.0/0"}],
-            "dataDir": "$STATE/cni/ipam"}},
-  {"type": "portmap", "capabilities": {"portMappings": true}}]}
-EOT
+write_containerd_config "$STATE/containerd" "$CONTAINERD_SOCK" "$STATE/cni/net.d"
+write_cni_config "$STATE/cni" "$(pod_subnet 1 "$NODES")"
 launch containerd containerd --config "$STATE/containerd/config.toml"
 wait_for containerd 30 ctr --address "$CONTAINERD_SOCK" version
 
@@ -136,28 +133,7 @@ log "importing images"
 "$REPO_ROOT/hack/images/import.sh"
 
 log "starting the kubelet and kube-proxy"
-cat > "$STATE/kubelet.yaml" <<EOT
-apiVersion: kubelet.config.k8s.io/v1beta1
-kind: KubeletConfiguration
-cgroupDriver: cgroupfs
-cgroupsPerQOS: false
-enforceNodeAllocatable: []
-failSwapOn: false
-failCgroupV1: false
-containerRuntimeEndpoint: unix://$CONTAINERD_SOCK
-podLogsDir: $STATE/pod-logs
-authentication:
-  anonymous: {enabled: false}
-  webhook: {enabled: false}
-  x509: {clientCAFile: $PKI/ca.crt}
-authorization: {mode: AlwaysAllow}
-clusterDomain: cluster.local
-healthzBindAddress: 127.0.0.1
-readOnlyPort: 0
-evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
-imageGCHighThresholdPercent: 100
-imageGCLowThresholdPercent: 99
-EOT
+write_kubelet_config "$STATE/kubelet.yaml" "$CONTAINERD_SOCK" "$STATE/pod-logs"
 launch kubelet "$K8S_BIN/kubelet" --config="$STATE/kubelet.yaml" \
   --kubeconfig="$PKI/kubelet.kubeconfig" --root-dir="$KUBELET_ROOT" --cert-dir="$STATE/kubelet-pki" \
   --hostname-override="$NODE_NAME" --node-ip="$NODE_IP" --oom-score-adj=0 --v=1
@@ -166,8 +142,16 @@ launch kube-proxy "$K8S_BIN/kube-proxy" --kubeconfig="$PKI/kube-proxy.kubeconfig
   --conntrack-max-per-core=0 --conntrack-tcp-timeout-established=0 --conntrack-tcp-timeout-close-wait=0 \
   --metrics-bind-address=127.0.0.1:10249 --healthz-bind-address=127.0.0.1:10256
 
+for ((k = 2; k <= NODES; k++)); do
+  log "starting node$k"
+  "$REPO_ROOT/hack/cluster/node.sh" "$k"
+done
+
 wait_for "node $NODE_NAME to be Ready" 120 kubectl_ wait --for=condition=Ready "node/$NODE_NAME" --timeout=2s
+for ((k = 2; k <= NODES; k++)); do
+  wait_for "node node$k to be Ready" 120 kubectl_ wait --for=condition=Ready "node/node$k" --timeout=2s
+done
 # The ServiceAccount admission plugin rejects pods until this exists.
 wait_for "the default ServiceAccount" 60 kubectl_ -n default get serviceaccount default
-log "up in $(( $(date +%s) - start ))s; node $NODE_NAME ($NODE_IP) is Ready"
+log "up in $(( $(date +%s) - start ))s; $NODES node(s) Ready: $(node_names "$NODES" | tr '\n' ' ')(node 1: $NODE_NAME, $NODE_IP)"
 echo "export KUBECONFIG=$KUBECONFIG_PATH"
