@@ -91,9 +91,10 @@ bench-e2e: ## On the local cluster: pod start and read of a warm cache (vs copy,
 	hack/cluster/down.sh || rc=1; exit $$rc
 
 .PHONY: fuzz
-fuzz: ## Fuzz the name parsers for a while (FUZZTIME=1m).
+fuzz: ## Fuzz the name parsers and the layer importer for a while (FUZZTIME=1m each).
 	$(GO) test -run '^$$' -fuzz FuzzParseKey -fuzztime $(or $(FUZZTIME),1m) ./engine/
 	$(GO) test -run '^$$' -fuzz FuzzValidateVolumeID -fuzztime $(or $(FUZZTIME),1m) ./engine/
+	$(GO) test -run '^$$' -fuzz FuzzImportLayer -fuzztime $(or $(FUZZTIME),1m) ./engine/
 
 .PHONY: bench
 bench: ## Measure volume setup, commit and compaction against cp -a and tar -x (root).
