@@ -136,7 +136,7 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		}
 	}
 	volumeSetupSeconds.Observe(time.Since(start).Seconds())
-	log.V(logs.Extended).Info("Published volume", "seconds", time.Since(start).Seconds())
+	log.Info("Published volume", "seconds", time.Since(start).Seconds())
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 

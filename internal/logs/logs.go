@@ -7,10 +7,11 @@ package logs
 
 const (
 	// Info (0, always shown): state changes a user or an operator sees,
-	// such as a claim created, a volume provisioned, a commit.
+	// such as a claim created, a volume provisioned or published (with its
+	// setup time), a commit.
 	Info = 0
 	// Extended (1): routine steps of a state change, such as a volume
-	// published or unpublished, a cache reported.
+	// unpublished, a gate removed, a PV finished.
 	Extended = 1
 	// Debug (2): what a reconciler decided and why, skipped work.
 	Debug = 2
