@@ -99,7 +99,7 @@ func TestCachesLivePerNode(t *testing.T) {
 	e.needNodes()
 	e.commitOn("node2", "split", "w1", `echo 1 > /cache/a`)
 	e.commitOn("node2", "split", "w2", `echo 2 > /cache/b`)
-	e.commitOn("node3", "split", "w3", `ls /cache | wc -l > /cache/seen-on-node3`)
+	e.commitOn("node3", "split", "w3", `n=$(ls /cache | wc -l); echo $n > /cache/seen-on-node3`)
 	if g2, g3 := e.nodeStatus("split", "node2"), e.nodeStatus("split", "node3"); g2.Generation != 2 || g3.Generation != 1 {
 		t.Fatalf("generations: node2 %d, node3 %d; want 2 and 1", g2.Generation, g3.Generation)
 	}
