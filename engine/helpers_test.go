@@ -140,6 +140,18 @@ func assertTree(t testing.TB, what string, got, want tree) {
 // mounted dir, unmounts and commits it.
 func commitTree(t testing.TB, s *Store, k Key, dir string, fn func(mnt string)) CommitResult {
 	t.Helper()
+	id := writtenVolume(t, s, k, dir, fn)
+	res, err := s.Commit(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return res
+}
+
+// writtenVolume creates a writable volume of k, lets fn write through its
+// mount, and unmounts it: ready to commit or discard.
+func writtenVolume(t testing.TB, s *Store, k Key, dir string, fn func(mnt string)) string {
+	t.Helper()
 	id := "v" + randomID()
 	if _, err := s.CreateVolume(id, k, VolumeOptions{Writable: true}); err != nil {
 		t.Fatal(err)
@@ -152,12 +164,8 @@ func commitTree(t testing.TB, s *Store, k Key, dir string, fn func(mnt string)) 
 	if err := s.Unmount(id); err != nil {
 		t.Fatal(err)
 	}
-	res, err := s.Commit(id)
-	if err != nil {
-		t.Fatal(err)
-	}
 	os.Remove(mnt)
-	return res
+	return id
 }
 
 // view mounts a fresh volume of k's head and returns its content.

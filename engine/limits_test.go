@@ -9,23 +9,10 @@ import (
 	"testing"
 )
 
-// writeVolume creates a writable volume of k, writes files into it through
-// its mount and unmounts it.
+// writeVolume creates a writable volume of k holding files, unmounted.
 func writeVolume(t *testing.T, s *Store, k Key, dir string, files tree) string {
 	t.Helper()
-	id := "v" + randomID()
-	if _, err := s.CreateVolume(id, k, VolumeOptions{Writable: true}); err != nil {
-		t.Fatal(err)
-	}
-	mnt := filepath.Join(dir, "mnt-"+id)
-	if err := s.Mount(id, mnt); err != nil {
-		t.Fatal(err)
-	}
-	writeTree(t, mnt, files)
-	if err := s.Unmount(id); err != nil {
-		t.Fatal(err)
-	}
-	return id
+	return writtenVolume(t, s, k, dir, func(mnt string) { writeTree(t, mnt, files) })
 }
 
 // A commit that would make the cache larger than its bound is refused,

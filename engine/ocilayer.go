@@ -287,7 +287,7 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 		if name == "" || name == "." || name == ".." {
 			return fmt.Errorf("%w: entry %q: a whiteout of nothing", ErrUnsafeLayer, h.Name)
 		}
-		if err := replace(parent, name); err != nil {
+		if err := parent.removeAll(name); err != nil {
 			return err
 		}
 		return unix.Mknodat(parent.fd(), name, unix.S_IFCHR, 0)
@@ -298,7 +298,7 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 		switch {
 		case err == nil && st.Mode&unix.S_IFMT == unix.S_IFDIR:
 		case err == nil:
-			if err := replace(parent, base); err != nil {
+			if err := parent.removeAll(base); err != nil {
 				return err
 			}
 			fallthrough
@@ -321,7 +321,7 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 		if h.Size < 0 || (opts.MaxBytes > 0 && l.Bytes+h.Size > opts.MaxBytes) {
 			return fmt.Errorf("%w: entry %q: the layer would hold more than %d bytes", ErrUnsafeLayer, h.Name, opts.MaxBytes)
 		}
-		if err := replace(parent, base); err != nil {
+		if err := parent.removeAll(base); err != nil {
 			return err
 		}
 		fd, err := unix.Openat(parent.fd(), base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
@@ -343,7 +343,7 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 		}
 		return unix.UtimesNanoAt(parent.fd(), base, ts, unix.AT_SYMLINK_NOFOLLOW)
 	case tar.TypeSymlink:
-		if err := replace(parent, base); err != nil {
+		if err := parent.removeAll(base); err != nil {
 			return err
 		}
 		// Created, never followed: nothing here opens a path through it.
@@ -360,7 +360,7 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 			return fmt.Errorf("%w: entry %q: hard link to %q: outside the layer", ErrUnsafeLayer, h.Name, h.Linkname)
 		}
 		tParentRel, tBase := path.Split(target)
-		tParent, err := beneath(root, strings.TrimSuffix(tParentRel, "/"))
+		tParent, err := root.openBeneath(strings.TrimSuffix(tParentRel, "/"))
 		if err != nil {
 			return fmt.Errorf("%w: entry %q: hard link to %q: %v", ErrUnsafeLayer, h.Name, h.Linkname, err)
 		}
@@ -369,12 +369,12 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 		if err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
 			return fmt.Errorf("%w: entry %q: hard link to %q: not a regular file of the layer", ErrUnsafeLayer, h.Name, h.Linkname)
 		}
-		if err := replace(parent, base); err != nil {
+		if err := parent.removeAll(base); err != nil {
 			return err
 		}
 		return unix.Linkat(tParent.fd(), tBase, parent.fd(), base, 0)
 	case tar.TypeFifo:
-		if err := replace(parent, base); err != nil {
+		if err := parent.removeAll(base); err != nil {
 			return err
 		}
 		if err := unix.Mkfifoat(parent.fd(), base, mode&0o777); err != nil {
@@ -403,12 +403,6 @@ func unixModeBits(mode uint32) os.FileMode {
 	return m
 }
 
-// replace removes what name is in d, if anything: a later entry of an
-// archive replaces an earlier one.
-func replace(d *dir, name string) error {
-	return d.removeAll(name)
-}
-
 // cleanLayerPath returns name as a clean path relative to a layer's root,
 // or an error if it is absolute or leaves the root.
 func cleanLayerPath(name string) (string, error) {
@@ -425,23 +419,10 @@ func cleanLayerPath(name string) (string, error) {
 	return p, nil
 }
 
-// beneath opens directory rel below root ("" or "." for root itself),
-// never through a symlink.
-func beneath(root *dir, rel string) (*dir, error) {
-	if rel == "" || rel == "." {
-		fd, err := unix.Openat(root.fd(), ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return nil, err
-		}
-		return &dir{f: os.NewFile(uintptr(fd), root.f.Name())}, nil
-	}
-	return root.openBeneath(rel)
-}
-
 // mkdirAllBeneath opens directory rel below root, creating what is
 // missing, never through a symlink.
 func mkdirAllBeneath(root *dir, rel string) (*dir, error) {
-	d, err := beneath(root, "")
+	d, err := root.openBeneath("")
 	if err != nil {
 		return nil, err
 	}

@@ -39,6 +39,13 @@ func openRoot(path string) (*dir, error) {
 // on kernels without openat2, openat with O_NOFOLLOW one component at a
 // time).
 func (d *dir) openBeneath(rel string) (*dir, error) {
+	if rel == "" || rel == "." { // d itself, opened again
+		fd, err := unix.Openat(d.fd(), ".", unix.O_RDONLY|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+		if err != nil {
+			return nil, &os.PathError{Op: "open", Path: d.f.Name(), Err: err}
+		}
+		return &dir{f: os.NewFile(uintptr(fd), d.f.Name())}, nil
+	}
 	name := d.f.Name() + "/" + rel
 	how := &unix.OpenHow{
 		Flags:   unix.O_RDONLY | unix.O_DIRECTORY | unix.O_NOFOLLOW | unix.O_CLOEXEC,
