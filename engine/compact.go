@@ -97,11 +97,15 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 	if err != nil {
 		return CompactResult{}, err
 	}
+	committed := head.Committed()
 	g := Generation{
 		Number:  num,
 		Layers:  append([]string{layer}, head.Layers[len(base.Layers):]...),
 		Created: time.Now().UTC(),
 		Source:  "compact",
+		// The content is still the head's: so are its labels and time.
+		Labels:      head.Labels,
+		ContentTime: &committed,
 	}
 	if err := s.publish(k, g); err != nil {
 		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)

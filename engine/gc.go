@@ -155,6 +155,9 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 			return err
 		}
 	}
+	if err := s.removeStaleDigests(k); err != nil {
+		return err
+	}
 	if !hasHead && len(entries) == len(garbage) && len(keepGen) == 0 {
 		// Nothing left of this cache: a commit that never published, or
 		// a cache whose volumes all went away before any commit.

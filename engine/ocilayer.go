@@ -179,8 +179,9 @@ type ImportOptions struct {
 // yet part of any cache: PublishLayers makes it one, Discard drops it. GC
 // leaves it alone while it is held.
 type StagedLayer struct {
-	t  *tempDir
-	id string
+	t      *tempDir
+	id     string
+	reused bool
 	// Bytes and Entries are what the layer holds.
 	Bytes, Entries int64
 }
@@ -447,11 +448,23 @@ func mkdirAllBeneath(root *dir, rel string) (*dir, error) {
 	return d, nil
 }
 
-// PublishLayers makes staged layers, bottom first, the next generation of
-// cache k: they move into the cache under its lock and the head moves to
-// them atomically, as a commit does (source "import"). The staged layers
-// are spent either way.
-func (s *Store) PublishLayers(k Key, layers []*StagedLayer, labels map[string]string) (Generation, error) {
+// PublishOptions describe an import's generation.
+type PublishOptions struct {
+	Labels map[string]string
+	// ContentTime is when the content was committed where it came from
+	// (zero: now).
+	ContentTime time.Time
+}
+
+// Reuse names a layer cache k already has, for PublishLayers to put in the
+// new generation as it is (a layer pulled before, found by its digest).
+func Reuse(id string) *StagedLayer { return &StagedLayer{id: id, reused: true} }
+
+// PublishLayers makes layers, bottom first, the next generation of cache
+// k: staged layers move into the cache under its lock, reused ones must
+// still be there, and the head moves to them atomically, as a commit does
+// (source "import"). The staged layers are spent either way.
+func (s *Store) PublishLayers(k Key, layers []*StagedLayer, opts PublishOptions) (Generation, error) {
 	defer func() {
 		for _, l := range layers {
 			l.Discard(s)
@@ -468,13 +481,27 @@ func (s *Store) PublishLayers(k Key, layers []*StagedLayer, labels map[string]st
 	if err := s.ensureCacheDirs(k); err != nil {
 		return Generation{}, err
 	}
-	g := Generation{Created: time.Now().UTC(), Source: "import", Labels: labels}
+	g := Generation{Created: time.Now().UTC(), Source: "import", Labels: opts.Labels}
+	if !opts.ContentTime.IsZero() {
+		t := opts.ContentTime.UTC()
+		g.ContentTime = &t
+	}
 	for _, l := range layers {
-		if l == nil || l.t == nil {
+		switch {
+		case l != nil && l.reused:
+			if err := validateLayerID(l.id); err != nil {
+				return Generation{}, err
+			}
+			// GC takes the cache's lock too: a layer here now stays.
+			if _, err := os.Lstat(s.layerPath(k, l.id)); err != nil {
+				return Generation{}, fmt.Errorf("reusing layer %s: %w", l.id, err)
+			}
+		case l == nil || l.t == nil:
 			return Generation{}, errors.New("a staged layer was already spent")
-		}
-		if err := os.Rename(filepath.Join(l.t.path, l.id), s.layerPath(k, l.id)); err != nil {
-			return Generation{}, fmt.Errorf("publishing layer %s: %w", l.id, err)
+		default:
+			if err := os.Rename(filepath.Join(l.t.path, l.id), s.layerPath(k, l.id)); err != nil {
+				return Generation{}, fmt.Errorf("publishing layer %s: %w", l.id, err)
+			}
 		}
 		g.Layers = append(g.Layers, l.id)
 	}
@@ -486,3 +513,6 @@ func (s *Store) PublishLayers(k Key, layers []*StagedLayer, labels map[string]st
 	}
 	return g, s.publish(k, g)
 }
+
+// ID is the layer's ID in the store (once published).
+func (l *StagedLayer) ID() string { return l.id }

@@ -78,7 +78,7 @@ func TestLayerTarRoundTrip(t *testing.T) {
 		}
 		staged = append(staged, l)
 	}
-	g, err := dst.PublishLayers(testKey, staged, map[string]string{"from": "registry"})
+	g, err := dst.PublishLayers(testKey, staged, PublishOptions{Labels: map[string]string{"from": "registry"}})
 	if err != nil || len(g.Layers) != 2 || g.Source != "import" {
 		t.Fatalf("publish: %+v, %v", g, err)
 	}

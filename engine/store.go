@@ -26,6 +26,7 @@ const (
 	dirEmpty       = "empty"
 	dirLayers      = "layers"
 	dirGenerations = "generations"
+	dirDigests     = "digests"
 	fileHead       = "HEAD"
 	fileLastUsed   = "LAST_USED"
 	fileVolume     = "volume.json"
@@ -63,8 +64,22 @@ type Generation struct {
 	// Source is "commit" or "compact".
 	Source string `json:"source"`
 	// Volume and Labels describe the committed volume (Source "commit").
+	// A compaction keeps the labels of the head it compacts; an import
+	// has those it was given.
 	Volume string            `json:"volume,omitempty"`
 	Labels map[string]string `json:"labels,omitempty"`
+	// ContentTime is when the content was committed, where that is not
+	// Created: the commit a compaction or an import carries on.
+	ContentTime *time.Time `json:"contentTime,omitempty"`
+}
+
+// Committed is when the generation's content was committed: Created for a
+// commit, the original commit's time for a compaction or an import.
+func (g Generation) Committed() time.Time {
+	if g.ContentTime != nil {
+		return *g.ContentTime
+	}
+	return g.Created
 }
 
 type headFile struct {
