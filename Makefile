@@ -74,7 +74,7 @@ lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 	$(STATICCHECK) -tags e2e ./...
 
 .PHONY: test
-test: lint check-generated envtest-assets test-e2e ## Run every test (as root: overlays, a real cluster).
+test: lint check-generated envtest-assets registry-bin test-e2e ## Run every test (as root: overlays, a real cluster, a real registry).
 	@rc=0; KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./... || rc=$$?; \
 	hack/reap-envtest.sh; exit $$rc
 
@@ -89,6 +89,10 @@ bench-e2e: ## On the local cluster: pod start and read of a warm cache (vs copy,
 		$(GO) run ./hack/bench-e2e --size $(BENCH_SIZE) --files $(BENCH_FILES) --runs $(or $(BENCH_E2E_RUNS),5) \
 			--parts $(BENCH_E2E_PARTS); } || rc=$$?; \
 	hack/cluster/down.sh || rc=1; exit $$rc
+
+.PHONY: registry-bin
+registry-bin: ## Build CNCF Distribution's registry into bin/registry (for the registry tests and the local cluster).
+	hack/registry/build.sh $(BIN)
 
 .PHONY: fuzz
 fuzz: ## Fuzz the name parsers and the layer importer for a while (FUZZTIME=1m each).

@@ -1,0 +1,235 @@
+package registry
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"hash"
+	"io"
+	"sync"
+	"time"
+
+	"github.com/klauspost/compress/gzip"
+	"github.com/klauspost/compress/zstd"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/layercache/layercache/engine"
+)
+
+// ErrCorrupt: what the registry sent does not match its digest.
+var ErrCorrupt = errors.New("content does not match its digest")
+
+// PullOptions bound a pull.
+type PullOptions struct {
+	// Import bounds each layer's extraction.
+	Import engine.ImportOptions
+	// Jobs is how many layers are fetched at once (zero: 4).
+	Jobs int
+}
+
+// Pulled says what a pull did.
+type Pulled struct {
+	Generation engine.Generation
+	// Bytes is what was downloaded; Layers the image's layers,
+	// LayersFetched those the node did not have yet.
+	Bytes                 int64
+	Layers, LayersFetched int
+}
+
+// Pull brings the image with manifest digest of cache k down and makes it
+// the cache's next generation: layers the cache already has (by digest)
+// are reused, the others are fetched in parallel, each streamed through
+// decompression into extraction and checked against its digest and diff
+// ID. Nothing is published unless every layer checks out.
+func (c *Client) Pull(ctx context.Context, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
+	repo, err := c.Repository(k)
+	if err != nil {
+		return Pulled{}, err
+	}
+	want, err := v1.NewHash(digest)
+	if err != nil {
+		return Pulled{}, fmt.Errorf("manifest digest %q: %w", digest, err)
+	}
+	ref := repo.Digest(want.String())
+	img, err := remote.Image(ref, c.remoteOptions(remote.WithContext(ctx))...)
+	if err != nil {
+		return Pulled{}, fmt.Errorf("fetching %s: %w", ref, err)
+	}
+	raw, err := img.RawManifest()
+	if err != nil {
+		return Pulled{}, fmt.Errorf("fetching %s: %w", ref, err)
+	}
+	if got := sha(raw); got != want.String() {
+		return Pulled{}, fmt.Errorf("manifest %s: got %s: %w", ref, got, ErrCorrupt)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return Pulled{}, err
+	}
+	rawConfig, err := img.RawConfigFile()
+	if err != nil {
+		return Pulled{}, fmt.Errorf("fetching the config of %s: %w", ref, err)
+	}
+	if got := sha(rawConfig); got != m.Config.Digest.String() {
+		return Pulled{}, fmt.Errorf("config of %s: got %s: %w", ref, got, ErrCorrupt)
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		return Pulled{}, err
+	}
+	if len(cfg.RootFS.DiffIDs) != len(m.Layers) || len(m.Layers) == 0 {
+		return Pulled{}, fmt.Errorf("%s: %d layers and %d diff IDs: not a cache image", ref, len(m.Layers), len(cfg.RootFS.DiffIDs))
+	}
+	committed := cfg.Created.Time
+	if t, err := time.Parse(time.RFC3339Nano, m.Annotations[AnnotationCommitted]); err == nil {
+		committed = t
+	}
+
+	res := Pulled{Layers: len(m.Layers)}
+	staged := make([]*engine.StagedLayer, len(m.Layers))
+	fetched := make([]bool, len(m.Layers))
+	defer func() {
+		for _, l := range staged {
+			l.Discard(s) // a no-op for published or reused layers
+		}
+	}()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	jobs := opts.Jobs
+	if jobs <= 0 {
+		jobs = 4
+	}
+	sem := make(chan struct{}, jobs)
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	for i, desc := range m.Layers {
+		if id, ok, err := s.LayerWithDigest(k, desc.Digest.String()); err != nil {
+			return res, err
+		} else if ok {
+			staged[i] = engine.Reuse(id)
+			continue
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			select {
+			case sem <- struct{}{}:
+				defer func() { <-sem }()
+			case <-ctx.Done():
+				return
+			}
+			l, n, err := c.fetchLayer(ctx, s, repo, desc, cfg.RootFS.DiffIDs[i], opts.Import)
+			mu.Lock()
+			defer mu.Unlock()
+			res.Bytes += n
+			if err != nil {
+				cancel(fmt.Errorf("layer %s: %w", desc.Digest, err))
+				return
+			}
+			staged[i], fetched[i] = l, true
+			res.LayersFetched++
+		}()
+	}
+	wg.Wait()
+	if err := context.Cause(ctx); err != nil {
+		return res, fmt.Errorf("pulling %s: %w", ref, err)
+	}
+	g, err := s.PublishLayers(k, staged, engine.PublishOptions{
+		Labels: map[string]string{LabelDigest: want.String()}, ContentTime: committed,
+	})
+	if err != nil {
+		return res, err
+	}
+	res.Generation = g
+	for i, desc := range m.Layers {
+		if fetched[i] {
+			d := engine.LayerDigest{Digest: desc.Digest.String(), DiffID: cfg.RootFS.DiffIDs[i].String(), Size: desc.Size, MediaType: string(desc.MediaType)}
+			if err := s.SetLayerDigest(k, g.Layers[i], d); err != nil {
+				return res, err
+			}
+		}
+	}
+	return res, nil
+}
+
+// fetchLayer streams one blob through its decompressor into the store,
+// hashing both sides; the layer is kept only if both hashes match.
+func (c *Client) fetchLayer(ctx context.Context, s *engine.Store, repo name.Repository, desc v1.Descriptor, diffID v1.Hash, opts engine.ImportOptions) (*engine.StagedLayer, int64, error) {
+	layer, err := remote.Layer(repo.Digest(desc.Digest.String()), c.remoteOptions(remote.WithContext(ctx))...)
+	if err != nil {
+		return nil, 0, err
+	}
+	body, err := layer.Compressed()
+	if err != nil {
+		return nil, 0, err
+	}
+	defer body.Close()
+	blob := &hashingReader{r: body, h: sha256.New()}
+	var tarball io.Reader
+	switch desc.MediaType {
+	case types.OCILayerZStd:
+		z, err := zstd.NewReader(blob, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			return nil, blob.n, err
+		}
+		defer z.Close()
+		tarball = z
+	case types.OCILayer, types.DockerLayer:
+		z, err := gzip.NewReader(blob)
+		if err != nil {
+			return nil, blob.n, fmt.Errorf("%w: %v", ErrCorrupt, err)
+		}
+		defer z.Close()
+		tarball = z
+	case types.OCIUncompressedLayer:
+		tarball = blob
+	default:
+		return nil, 0, fmt.Errorf("media type %q: not a layer this can read", desc.MediaType)
+	}
+	diff := &hashingReader{r: tarball, h: sha256.New()}
+	l, err := s.ImportLayer(diff, opts)
+	if err == nil {
+		// The tar's end may come before the stream's: read the rest, so
+		// that the hashes cover everything.
+		_, err = io.Copy(io.Discard, diff)
+	}
+	// Whatever happened, read what is left of the blob (no more than it
+	// claims), to tell a corrupt blob from a hostile but intact one.
+	_, _ = io.Copy(io.Discard, io.LimitReader(blob, max(desc.Size-blob.n, 0)+1))
+	switch {
+	case blob.digest() != desc.Digest.String() || blob.n != desc.Size:
+		err = fmt.Errorf("blob: got %s (%d bytes), want %s (%d bytes): %w", blob.digest(), blob.n, desc.Digest, desc.Size, ErrCorrupt)
+	case err == nil && diff.digest() != diffID.String():
+		err = fmt.Errorf("uncompressed: got %s, want %s: %w", diff.digest(), diffID, ErrCorrupt)
+	}
+	if err != nil {
+		l.Discard(s)
+		return nil, blob.n, err
+	}
+	return l, blob.n, nil
+}
+
+type hashingReader struct {
+	r io.Reader
+	h hash.Hash
+	n int64
+}
+
+func (r *hashingReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	r.h.Write(p[:n])
+	r.n += int64(n)
+	return n, err
+}
+
+func (r *hashingReader) digest() string { return "sha256:" + hex.EncodeToString(r.h.Sum(nil)) }
+
+func sha(b []byte) string {
+	sum := sha256.Sum256(b)
+	return "sha256:" + hex.EncodeToString(sum[:])
+}
