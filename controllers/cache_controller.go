@@ -5,19 +5,25 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"time"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/finalizers"
 	"github.com/layercache/layercache/internal/logs"
+	"github.com/layercache/layercache/internal/registry"
 )
 
 // Condition types and reasons of a Cache.
@@ -26,6 +32,7 @@ const (
 	ReasonCommitted  = "Committed"
 	ReasonNoData     = "NoData"
 	ReasonFrozen     = "ReadOnly"
+	ReasonInRegistry = "InRegistry"
 	summaryMaxNodes  = 3
 	summaryNodesMore = ",..."
 )
@@ -36,9 +43,26 @@ const (
 // condition; copies the Cache's ttl to its NodeCaches; and, when the
 // Cache is deleted, deletes its NodeCaches and holds the Cache until they
 // are gone (each node's agent deletes its data first).
+//
+// With a registry, it also makes the newest pushed generation (from the
+// NodeCaches' status.pushed) the Cache's status.registry and copies it to
+// the NodeCaches, whose agents then bring it down; and it deletes the
+// Cache's images from the registry once the nodes have let go.
 type CacheReconciler struct {
 	client.Client
+	// Registry is nil without a registry.
+	Registry *registry.Client
+	Recorder record.EventRecorder
 }
+
+// Event reasons of a Cache.
+const (
+	ReasonRegistryDeleted      = "RegistryDeleted"
+	ReasonRegistryDeleteFailed = "RegistryDeleteFailed"
+	// registryDeleteGiveUp is how long a deleted Cache waits for the
+	// registry to let its images be deleted, before it goes anyway.
+	registryDeleteGiveUp = 10 * time.Minute
+)
 
 // +kubebuilder:rbac:groups=layercache.io,resources=caches,verbs=get;list;watch;update;patch
 // +kubebuilder:rbac:groups=layercache.io,resources=caches/status,verbs=get;update;patch
@@ -68,14 +92,12 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 	if _, err := finalizers.Add(ctx, r.Client, c, v1alpha1.FinalizerCacheData); err != nil {
 		return ctrl.Result{}, err
 	}
-	for i := range list.Items {
-		if err := r.copyTTL(ctx, c, &list.Items[i]); err != nil {
-			return ctrl.Result{}, err
-		}
-	}
 	before := c.DeepCopy()
 	c.Status.Nodes = nil
 	for _, nc := range list.Items {
+		if nc.Status.Pushed != nil && newerImage(nc.Status.Pushed, c.Status.Registry) {
+			c.Status.Registry = nc.Status.Pushed.DeepCopy()
+		}
 		if nc.DeletionTimestamp == nil && nc.Status.Generation > 0 {
 			entry := nc.Status.DeepCopy()
 			entry.Node = nc.Spec.Node
@@ -83,6 +105,11 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 		}
 	}
 	summarize(c)
+	for i := range list.Items {
+		if err := r.copySpec(ctx, c, &list.Items[i]); err != nil {
+			return ctrl.Result{}, err
+		}
+	}
 	if equality.Semantic.DeepEqual(before.Status, c.Status) {
 		return ctrl.Result{}, nil
 	}
@@ -105,8 +132,56 @@ func (r *CacheReconciler) reconcileDelete(ctx context.Context, c *v1alpha1.Cache
 		logf.FromContext(ctx).V(logs.Debug).Info("Waiting for the nodes to delete the cache's data", "cache", klog.KObj(c), "nodeCaches", len(ncs))
 		return nil // the deletion of each NodeCache wakes us again
 	}
+	if !controllerutil.ContainsFinalizer(c, v1alpha1.FinalizerCacheData) {
+		return nil
+	}
+	if err := r.deleteFromRegistry(ctx, c); err != nil {
+		return err
+	}
 	_, err := finalizers.Remove(ctx, r.Client, c, v1alpha1.FinalizerCacheData)
 	return err
+}
+
+// deleteFromRegistry deletes the Cache's images. While the registry fails,
+// the Cache stays (retried with backoff), for up to registryDeleteGiveUp:
+// then it goes, with a warning naming what is left.
+func (r *CacheReconciler) deleteFromRegistry(ctx context.Context, c *v1alpha1.Cache) error {
+	if r.Registry == nil {
+		return nil
+	}
+	key := engine.Key{Namespace: c.Namespace, Name: c.Name}
+	repo, err := r.Registry.Repository(key)
+	if err != nil {
+		return nil // a name the registry cannot hold was never pushed
+	}
+	ctx2, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	n, err := r.Registry.DeleteCache(ctx2, key)
+	switch {
+	case err == nil:
+		if n > 0 {
+			r.Recorder.Eventf(c, corev1.EventTypeNormal, ReasonRegistryDeleted, "Deleted %d image(s) of the cache from %s", n, repo)
+		}
+		return nil
+	case time.Since(c.DeletionTimestamp.Time) < registryDeleteGiveUp:
+		r.Recorder.Eventf(c, corev1.EventTypeWarning, ReasonRegistryDeleteFailed, "Deleting the cache's images from %s failed (retrying): %v", repo, err)
+		return fmt.Errorf("deleting the images of %s: %w", klog.KObj(c), err)
+	default:
+		r.Recorder.Eventf(c, corev1.EventTypeWarning, ReasonRegistryDeleteFailed, "Gave up deleting the cache's images from %s after %s; delete them there: %v", repo, registryDeleteGiveUp, err)
+		return nil
+	}
+}
+
+// newerImage tells whether a was committed after b (pushed after b, for
+// the same commit time: a compacted chain pushed again).
+func newerImage(a, b *v1alpha1.RegistryImage) bool {
+	if b == nil {
+		return true
+	}
+	if !a.CommitTime.Equal(&b.CommitTime) {
+		return a.CommitTime.After(b.CommitTime.Time)
+	}
+	return a.PushTime != nil && (b.PushTime == nil || a.PushTime.After(b.PushTime.Time))
 }
 
 // dropLegacyFinalizers removes the per-node finalizers that node agents put
@@ -122,14 +197,19 @@ func (r *CacheReconciler) dropLegacyFinalizers(ctx context.Context, c *v1alpha1.
 	return nil
 }
 
-// copyTTL gives a NodeCache its Cache's ttl: the node's agent reads it
-// there, watching nothing else.
-func (r *CacheReconciler) copyTTL(ctx context.Context, c *v1alpha1.Cache, nc *v1alpha1.NodeCache) error {
-	if nc.DeletionTimestamp != nil || equality.Semantic.DeepEqual(nc.Spec.TTL, c.Spec.TTL) {
+// copySpec gives a NodeCache its Cache's ttl and newest image in the
+// registry: the node's agent reads them there, watching nothing else.
+func (r *CacheReconciler) copySpec(ctx context.Context, c *v1alpha1.Cache, nc *v1alpha1.NodeCache) error {
+	var image *v1alpha1.RegistryImage
+	if c.SyncsThroughRegistry() {
+		image = c.Status.Registry
+	}
+	if nc.DeletionTimestamp != nil || (equality.Semantic.DeepEqual(nc.Spec.TTL, c.Spec.TTL) && equality.Semantic.DeepEqual(nc.Spec.Registry, image)) {
 		return nil
 	}
 	before := nc.DeepCopy()
 	nc.Spec.TTL = c.Spec.TTL.DeepCopy()
+	nc.Spec.Registry = image.DeepCopy()
 	return client.IgnoreNotFound(r.Patch(ctx, nc, client.MergeFrom(before)))
 }
 
@@ -176,6 +256,8 @@ func summarize(c *v1alpha1.Cache) {
 	switch {
 	case c.Spec.ReadOnly:
 		cond.Status, cond.Reason, cond.Message = metav1.ConditionTrue, ReasonFrozen, "read-only: builds read it, nothing is committed"
+	case len(nodes) == 0 && c.Status.Registry != nil:
+		cond.Status, cond.Reason, cond.Message = metav1.ConditionTrue, ReasonInRegistry, "no node holds it; in the registry as "+c.Status.Registry.Image
 	case len(nodes) == 0:
 		cond.Status, cond.Reason, cond.Message = metav1.ConditionFalse, ReasonNoData, "no node holds this cache yet"
 	default:

@@ -8,6 +8,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/internal/registry"
 )
 
 // DefaultMaxVolumeSize bounds the size of a claim the manager creates.
@@ -20,6 +21,9 @@ type Options struct {
 	StorageClass string
 	// MaxVolumeSize bounds their size (default DefaultMaxVolumeSize).
 	MaxVolumeSize resource.Quantity
+	// Registry, if set, is where the node agents push caches: deleting a
+	// Cache deletes its images there.
+	Registry *registry.Client
 }
 
 func (o *Options) defaults() {

@@ -23,7 +23,7 @@ func Setup(mgr manager.Manager, opts Options) error {
 	return errors.Join(
 		(&PodReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-claims"), Options: opts}).SetupWithManager(mgr),
 		(&Provisioner{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-provisioner")}).SetupWithManager(mgr),
-		(&CacheReconciler{Client: mgr.GetClient()}).SetupWithManager(mgr),
+		(&CacheReconciler{Client: mgr.GetClient(), Registry: opts.Registry, Recorder: mgr.GetEventRecorderFor("layercache-caches")}).SetupWithManager(mgr),
 		(&NodeReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-nodes")}).SetupWithManager(mgr),
 	)
 }

@@ -209,17 +209,15 @@ func ensureCacheAndReport(ctx context.Context, c client.Client, store *engine.St
 		return err
 	}
 	h := info.Head
-	created := metav1.NewTime(h.Created.Truncate(time.Second))
+	// A compaction or a pull carries on the commit it holds: its time and
+	// pod.
+	committed := metav1.NewTime(h.Committed().Truncate(time.Second))
 	used := metav1.NewTime(info.LastUsed.Truncate(time.Second))
 	entry := v1alpha1.NodeCacheStatus{
 		Node: node, Generation: h.Number, Layers: int32(len(h.Layers)),
 		Size: *resource.NewQuantity(usage.Bytes, resource.BinarySI), LastUsedTime: &used,
-	}
-	if h.Source == "commit" || h.Labels[LabelPod] != "" {
-		entry.LastCommitTime, entry.LastCommitPod = &created, h.Labels[LabelPod]
-	} else {
-		// A compaction is not a commit: keep the last commit's time and pod.
-		entry.LastCommitTime, entry.LastCommitPod = nc.Status.LastCommitTime, nc.Status.LastCommitPod
+		LastCommitTime: &committed, LastCommitPod: h.Labels[LabelPod],
+		Pushed: nc.Status.Pushed, // the Syncer's
 	}
 	cacheBytes.WithLabelValues(key.Namespace, key.Name).Set(float64(usage.Bytes))
 	if equality.Semantic.DeepEqual(nc.Status, entry) {

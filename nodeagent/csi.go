@@ -42,6 +42,9 @@ type Driver struct {
 	csi.UnimplementedNodeServer
 	Store    *engine.Store
 	NodeName string
+	// Sync, if set, brings a cache's newest image down from the registry
+	// before the first volume of it on a node that is behind.
+	Sync *Syncer
 }
 
 // GetPluginInfo implements csi.IdentityServer.
@@ -108,6 +111,9 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		// that passes no pod info) nobody can tell whose it is.
 		if write && (owner == "" || pod == "" || owner != pod) {
 			return nil, status.Errorf(codes.PermissionDenied, "volume %s may be committed and belongs to pod %q, not %q", id, owner, pod)
+		}
+		if _, err := d.Store.Volume(id); errors.Is(err, engine.ErrNotFound) {
+			d.Sync.BeforeVolume(ctx, key) // bounded; never fails the volume
 		}
 		v, err := d.Store.CreateVolume(id, key, engine.VolumeOptions{Writable: write, Labels: map[string]string{
 			LabelPod: attrs[podNamespaceKey] + "/" + attrs[podNameKey], v1alpha1.AttrPodUID: pod,

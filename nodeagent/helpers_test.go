@@ -96,3 +96,19 @@ func isMounted(t *testing.T, path string) bool {
 	}
 	return false
 }
+
+// readFiles returns the regular files directly in dir and their content.
+func readFiles(t *testing.T, dir string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range entries {
+		if b, err := os.ReadFile(filepath.Join(dir, e.Name())); err == nil {
+			out[e.Name()] = string(b)
+		}
+	}
+	return out
+}

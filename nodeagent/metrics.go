@@ -31,6 +31,18 @@ var (
 		Name: "layercache_volume_size_exceeded_total",
 		Help: "Cache volumes found holding more writes than their size (their pod is evicted, their writes never committed).",
 	})
+	registryTransfers = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "layercache_registry_transfers_total",
+		Help: "Transfers with the registry by operation (push; pull, on a volume's setup; prefetch, in the background) and result (ok, failed).",
+	}, []string{"op", "result"})
+	registryBytes = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "layercache_registry_bytes_total",
+		Help: "Bytes sent to (push) or received from (pull, prefetch) the registry.",
+	}, []string{"op"})
+	registrySeconds = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "layercache_registry_seconds_total",
+		Help: "Time spent pushing to or pulling from the registry.",
+	}, []string{"op"})
 	cacheBytes = prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "layercache_cache_bytes",
 		Help: "Disk space a cache uses on this node.",
@@ -38,7 +50,8 @@ var (
 )
 
 func init() {
-	metrics.Registry.MustRegister(volumeSetupSeconds, volumeStarts, commitSeconds, commits, volumeSizeExceeded, cacheBytes)
+	metrics.Registry.MustRegister(volumeSetupSeconds, volumeStarts, commitSeconds, commits, volumeSizeExceeded, cacheBytes,
+		registryTransfers, registryBytes, registrySeconds)
 }
 
 // cacheRef is the log value of a cache: {"name", "namespace"}, as

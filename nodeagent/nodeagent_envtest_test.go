@@ -43,7 +43,10 @@ type nodeSuite struct {
 	cfg    *rest.Config
 }
 
-func startNode(t *testing.T) *nodeSuite {
+func startNode(t *testing.T) *nodeSuite { return startNodeWith(t, func(*Options) {}) }
+
+// startNodeWith starts node-a's agent with options changed by set.
+func startNodeWith(t *testing.T, set func(*Options)) *nodeSuite {
 	if os.Getenv("LAYERCACHE_TEST_LOG") != "" { // the reconcilers' logs, for debugging
 		ctrl.SetLogger(zap.New(zap.WriteTo(os.Stderr), zap.UseDevMode(true)))
 	}
@@ -57,7 +60,9 @@ func startNode(t *testing.T) *nodeSuite {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := Setup(mgr, Options{NodeName: "node-a", Store: store, MaintenanceInterval: time.Hour, SizeCheckInterval: time.Hour}); err != nil {
+	opts := Options{NodeName: "node-a", Store: store, MaintenanceInterval: time.Hour, SizeCheckInterval: time.Hour}
+	set(&opts)
+	if err := Setup(mgr, opts); err != nil {
 		t.Fatal(err)
 	}
 	ctx := testenv.RunManager(t, mgr)

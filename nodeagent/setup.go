@@ -13,6 +13,7 @@ import (
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/registry"
 )
 
 // Options configure the node agent.
@@ -29,6 +30,11 @@ type Options struct {
 	// SizeCheckInterval is how often volume sizes are measured (zero
 	// means DefaultSizeCheckInterval).
 	SizeCheckInterval time.Duration
+	// Registry, if set, is where caches are pushed and pulled from;
+	// PullTimeout bounds a pull on a volume's setup (zero means
+	// registry.DefaultPullTimeout).
+	Registry    *registry.Client
+	PullTimeout time.Duration
 }
 
 // CacheOptions restricts a node agent's cache, hence what it watches and
@@ -66,9 +72,18 @@ func Setup(mgr manager.Manager, opts Options) error {
 			Interval: opts.MaintenanceInterval, DiskBudget: opts.DiskBudget}),
 		mgr.Add(&SizeLimiter{Client: mgr.GetClient(), Store: opts.Store, Recorder: recorder, Interval: opts.SizeCheckInterval}),
 	}
+	var syncer *Syncer
+	if opts.Registry != nil {
+		if opts.PullTimeout <= 0 {
+			opts.PullTimeout = registry.DefaultPullTimeout
+		}
+		syncer = &Syncer{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Registry: opts.Registry,
+			Recorder: recorder, PullTimeout: opts.PullTimeout}
+		errs = append(errs, syncer.SetupWithManager(mgr))
+	}
 	if opts.KubeletDir != "" {
 		csiSocket, regSocket := Sockets(opts.KubeletDir)
-		d := &Driver{Store: opts.Store, NodeName: opts.NodeName}
+		d := &Driver{Store: opts.Store, NodeName: opts.NodeName, Sync: syncer}
 		errs = append(errs, mgr.Add(CSIServer(d, csiSocket)), mgr.Add(RegistrationServer(csiSocket, regSocket)))
 	}
 	return errors.Join(errs...)

@@ -26,6 +26,50 @@ type CacheSpec struct {
 	// CommitRefused) and its writes are discarded.
 	// +optional
 	MaxSize *resource.Quantity `json:"maxSize,omitempty"`
+
+	// RegistrySync says whether the cache follows builds across nodes
+	// through the registry the node agents are configured with (their
+	// --registry flag): Enabled (the default) pushes trusted commits and
+	// pulls them on other nodes; Disabled keeps the cache on the nodes
+	// that commit it. Without a registry, it changes nothing.
+	// +optional
+	// +kubebuilder:validation:Enum=Enabled;Disabled
+	RegistrySync RegistrySync `json:"registrySync,omitempty"`
+}
+
+// RegistrySync turns registry sync on or off for one cache.
+type RegistrySync string
+
+// RegistrySync values.
+const (
+	RegistrySyncEnabled  RegistrySync = "Enabled"
+	RegistrySyncDisabled RegistrySync = "Disabled"
+)
+
+// SyncsThroughRegistry tells whether the cache's commits go to the
+// registry.
+func (c *Cache) SyncsThroughRegistry() bool { return c.Spec.RegistrySync != RegistrySyncDisabled }
+
+// RegistryImage is a generation of a cache pushed to the registry.
+type RegistryImage struct {
+	// Image is REPOSITORY@DIGEST: nodes pull by digest, never by a tag,
+	// so that nobody else writing a tag changes what a build gets.
+	Image string `json:"image"`
+
+	// CommitTime is when the generation was committed: the newest wins.
+	CommitTime metav1.MicroTime `json:"commitTime"`
+
+	// Node is the node that committed and pushed it.
+	// +optional
+	Node string `json:"node,omitempty"`
+
+	// Generation is the generation's number on that node.
+	// +optional
+	Generation int64 `json:"generation,omitempty"`
+
+	// PushTime is when the push finished.
+	// +optional
+	PushTime *metav1.Time `json:"pushTime,omitempty"`
 }
 
 // NodeCacheStatus is the cache's state on one node.
@@ -54,6 +98,10 @@ type NodeCacheStatus struct {
 	// node (what TTL eviction measures from).
 	// +optional
 	LastUsedTime *metav1.Time `json:"lastUsedTime,omitempty"`
+
+	// Pushed is the newest generation this node pushed to the registry.
+	// +optional
+	Pushed *RegistryImage `json:"pushed,omitempty"`
 }
 
 // CacheStatus is observed by layercache; users do not set it.
@@ -75,6 +123,11 @@ type CacheStatus struct {
 	// LastCommitTime is the newest commit on any node, for display.
 	// +optional
 	LastCommitTime *metav1.Time `json:"lastCommitTime,omitempty"`
+
+	// Registry is the newest generation in the registry: what a node that
+	// is behind, or has nothing, pulls.
+	// +optional
+	Registry *RegistryImage `json:"registry,omitempty"`
 
 	// Conditions describe the cache's state (type Ready).
 	// +optional

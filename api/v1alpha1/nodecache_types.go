@@ -15,6 +15,11 @@ type NodeCacheSpec struct {
 	// +optional
 	// +kubebuilder:validation:Type=string
 	TTL *metav1.Duration `json:"ttl,omitempty"`
+	// Registry is the Cache's status.registry, copied here by the manager:
+	// the node's agent brings it down in the background (prefetch) when
+	// the node is behind.
+	// +optional
+	Registry *RegistryImage `json:"registry,omitempty"`
 }
 
 // NodeCache is one Cache's data on one node: created by that node's agent

@@ -30,6 +30,7 @@ import (
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/controllers"
+	"github.com/layercache/layercache/internal/registry"
 	"github.com/layercache/layercache/webhook"
 )
 
@@ -53,9 +54,11 @@ type config struct {
 	webhookSecret          string
 	webhookService         string
 	webhookConfiguration   string
+	registry               registry.Flags
 }
 
 func (c *config) bind(fs *flag.FlagSet) {
+	c.registry.Bind(fs)
 	fs.StringVar(&c.metricsAddr, "metrics-bind-address", "0", "address of the metrics endpoint (:8443 for HTTPS, :8080 for HTTP, 0 to disable)")
 	fs.BoolVar(&c.secureMetrics, "metrics-secure", true, "serve metrics over HTTPS, authenticated and authorised by the API server")
 	fs.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "address of the health and readiness probes")
@@ -105,6 +108,10 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if size.Cmp(maxSize) > 0 {
 		return fmt.Errorf("--default-volume-size %s is larger than --max-volume-size %s", cfg.defaultSize, cfg.maxSize)
 	}
+	reg, err := cfg.registry.Client()
+	if err != nil {
+		return fmt.Errorf("--registry: %w", err)
+	}
 	scheme := runtime.NewScheme()
 	if err := clientgoscheme.AddToScheme(scheme); err != nil {
 		return err
@@ -136,7 +143,7 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)
 	}
-	if err := controllers.Setup(mgr, controllers.Options{StorageClass: cfg.storageClass, MaxVolumeSize: maxSize}); err != nil {
+	if err := controllers.Setup(mgr, controllers.Options{StorageClass: cfg.storageClass, MaxVolumeSize: maxSize, Registry: reg}); err != nil {
 		return fmt.Errorf("setting up the reconcilers: %w", err)
 	}
 	ready, err := setupWebhooks(mgr, cfg, webhook.Options{StorageClass: cfg.storageClass, DefaultSize: size, MaxSize: maxSize})

@@ -24,6 +24,7 @@ import (
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/registry"
 	"github.com/layercache/layercache/nodeagent"
 )
 
@@ -35,6 +36,7 @@ type config struct {
 	maintenanceInterval        time.Duration
 	sizeCheckInterval          time.Duration
 	diskBudget                 string
+	registry                   registry.Flags
 }
 
 func (c *config) bind(fs *flag.FlagSet) {
@@ -46,6 +48,7 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.IntVar(&c.compactThreshold, "compact-threshold", engine.DefaultCompactThreshold, "chain length at which a cache is compacted")
 	fs.DurationVar(&c.maintenanceInterval, "maintenance-interval", 5*time.Minute, "how often GC, orphan removal and the disk budget run")
 	fs.DurationVar(&c.sizeCheckInterval, "volume-size-check-interval", nodeagent.DefaultSizeCheckInterval, "how often each volume's writes are measured against its size (a volume over it gets its pod evicted)")
+	c.registry.BindNode(fs)
 	fs.StringVar(&c.diskBudget, "max-disk-usage", "", "evict least recently used caches when the node's caches use more (e.g. 100Gi; empty for no limit)")
 }
 
@@ -81,6 +84,13 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if cfg.sizeCheckInterval <= 0 {
 		return fmt.Errorf("--volume-size-check-interval %s: must be positive", cfg.sizeCheckInterval)
 	}
+	if cfg.registry.PullTimeout <= 0 {
+		return fmt.Errorf("--registry-pull-timeout %s: must be positive", cfg.registry.PullTimeout)
+	}
+	reg, err := cfg.registry.Client()
+	if err != nil {
+		return fmt.Errorf("--registry: %w", err)
+	}
 	store, err := engine.Open(cfg.root, engine.Options{CompactThreshold: cfg.compactThreshold})
 	if err != nil {
 		return err
@@ -108,12 +118,13 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err := nodeagent.Setup(mgr, nodeagent.Options{
 		NodeName: cfg.nodeName, Store: store, KubeletDir: cfg.kubeletDir,
 		MaintenanceInterval: cfg.maintenanceInterval, DiskBudget: budget, SizeCheckInterval: cfg.sizeCheckInterval,
+		Registry: reg, PullTimeout: cfg.registry.PullTimeout,
 	}); err != nil {
 		return err
 	}
 	if err := errors.Join(mgr.AddHealthzCheck("healthz", healthz.Ping), mgr.AddReadyzCheck("readyz", healthz.Ping)); err != nil {
 		return err
 	}
-	ctrl.Log.WithName("setup").Info("Starting the node agent", "node", cfg.nodeName, "root", store.Root())
+	ctrl.Log.WithName("setup").Info("Starting the node agent", "node", cfg.nodeName, "root", store.Root(), "registry", cfg.registry.Prefix)
 	return mgr.Start(ctx)
 }

@@ -7,9 +7,9 @@ import (
 	"io"
 	"sync/atomic"
 
-	"github.com/klauspost/compress/zstd"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/layercache/layercache/engine"
 )
@@ -71,10 +71,12 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-func (l *storeLayer) Digest() (v1.Hash, error)            { return v1.NewHash(l.desc.Digest) }
-func (l *storeLayer) DiffID() (v1.Hash, error)            { return v1.NewHash(l.desc.DiffID) }
-func (l *storeLayer) Size() (int64, error)                { return l.desc.Size, nil }
-func (l *storeLayer) MediaType() (types.MediaType, error) { return types.MediaType(l.desc.MediaType), nil }
+func (l *storeLayer) Digest() (v1.Hash, error) { return v1.NewHash(l.desc.Digest) }
+func (l *storeLayer) DiffID() (v1.Hash, error) { return v1.NewHash(l.desc.DiffID) }
+func (l *storeLayer) Size() (int64, error)     { return l.desc.Size, nil }
+func (l *storeLayer) MediaType() (types.MediaType, error) {
+	return types.MediaType(l.desc.MediaType), nil
+}
 
 // Uncompressed implements v1.Layer.
 func (l *storeLayer) Uncompressed() (io.ReadCloser, error) {
