@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the local cluster needs, when missing.
 set -euo pipefail
-pkgs=(containerd runc containernetworking-plugins iptables conntrack socat busybox-static iproute2 openssl procps)
+pkgs=(containerd runc containernetworking-plugins iptables conntrack socat busybox-static iproute2 openssl procps ca-certificates)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -3,7 +3,10 @@
 # daemon or a registry. With no argument, into bin/images:
 #   registry.k8s.io/pause:3.10        the sandbox image containerd expects
 #   localhost/busybox:dev             Debian's busybox-static, for test pods
-#   localhost/layercache/NAME:dev     one per project binary in cmd/
+#   localhost/layercache/NAME:dev     one per project binary in cmd/, with
+#                                     Debian's CA certificates (HTTPS registries)
+#   localhost/registry:dev            CNCF Distribution (hack/registry) on
+#                                     busybox, the local cluster's registry
 # With `golang`, only bin/bench/golang.tar (for make bench-e2e):
 #   localhost/golang:dev              busybox plus this machine's Go toolchain
 # Reproducible: the same sources give the same digests (printed).
@@ -65,9 +68,33 @@ layout pause registry.k8s.io/pause:3.10 "$work/pause" --entrypoint /pause
 busybox_root "$work/busybox"
 layout busybox localhost/busybox:dev "$work/busybox" --cmd sh
 
+[ -f /etc/ssl/certs/ca-certificates.crt ] || "$repo/hack/cluster/install-deps.sh"
 for dir in cmd/*/; do
   name=$(basename "$dir")
-  mkdir -p "$work/$name"
+  mkdir -p "$work/$name/etc/ssl/certs"
+  install -m 0644 /etc/ssl/certs/ca-certificates.crt "$work/$name/etc/ssl/certs/"
   gobuild "$work/$name/$name" "./$dir"
   layout "$name" "localhost/layercache/$name:dev" "$work/$name" --entrypoint "/$name"
 done
+
+busybox_root "$work/registry"
+mkdir -p "$work/registry/etc/distribution" "$work/registry/var/lib/registry"
+"$repo/hack/registry/build.sh" "$work/registry/bin"
+rm "$work/registry/bin/registry-htpasswd"
+cat > "$work/registry/etc/distribution/config.yml" <<'YAML'
+version: 0.1
+log:
+  level: info
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: /var/lib/registry
+  delete:
+    enabled: true
+http:
+  addr: :5000
+  secret: layercache-local-cluster
+YAML
+chmod 0644 "$work/registry/etc/distribution/config.yml"
+layout registry localhost/registry:dev "$work/registry" --entrypoint /bin/registry --cmd serve,/etc/distribution/config.yml
