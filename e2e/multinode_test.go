@@ -17,6 +17,7 @@ import (
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
@@ -76,6 +77,14 @@ func (e *env) nodeStatus(cache, node string) *v1alpha1.NodeCacheStatus {
 	return nil
 }
 
+// localCache creates Cache name with registry sync off: it stays on the
+// nodes that commit it, each with its own state.
+func (e *env) localCache(name string) {
+	e.t.Helper()
+	e.create(&v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: e.ns},
+		Spec: v1alpha1.CacheSpec{RegistrySync: v1alpha1.RegistrySyncDisabled}})
+}
+
 // A cache committed on node2 draws the next unpinned build of that cache
 // there (the webhook's preferred affinity), and it starts warm.
 func TestWarmNodeAffinity(t *testing.T) {
@@ -93,10 +102,12 @@ func TestWarmNodeAffinity(t *testing.T) {
 
 // Each node holds its own state of a cache, listed in the Cache's status
 // with its own generation; a build forced onto a node starts from that
-// node's state.
+// node's state (with registry sync off for the cache: with it, node3
+// would pull node2's commit first).
 func TestCachesLivePerNode(t *testing.T) {
 	e := newEnv(t)
 	e.needNodes()
+	e.localCache("split")
 	e.commitOn("node2", "split", "w1", `echo 1 > /cache/a`)
 	e.commitOn("node2", "split", "w2", `echo 2 > /cache/b`)
 	e.commitOn("node3", "split", "w3", `n=$(ls /cache | wc -l); echo $n > /cache/seen-on-node3`)
@@ -144,6 +155,10 @@ func TestDrainANodeWithACache(t *testing.T) {
 func TestNodeLoss(t *testing.T) {
 	e, other := newEnv(t), newEnv(t)
 	e.needNodes()
+	// Each node's own state matters here: no registry sync.
+	e.localCache("only-there")
+	e.localCache("both")
+	other.localCache("survivor")
 	e.commitOn("node3", "only-there", "w1", `echo lost > /cache/f`)
 	e.commitOn("node2", "both", "w2", `echo kept > /cache/f`)
 	e.commitOn("node3", "both", "w3", `echo lost > /cache/f`)

@@ -275,7 +275,9 @@ func (s *Store) extract(l *StagedLayer, r io.Reader, opts ImportOptions) error {
 			return err
 		}
 	}
-	return root.f.Sync()
+	// The layer is published once extracted: its data must be on disk
+	// first, as a commit's and a compaction's are.
+	return root.syncfs()
 }
 
 func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root, parent *dir, rel, base string, opts ImportOptions, dirs *[]dirTimes) error {

@@ -13,6 +13,10 @@
 // emptyDir: total time, start percentiles and scheduling warnings
 // (load.go).
 //
+// Registry: on 3 nodes, a cold node's start pulling on demand, after a
+// prefetch, and restoring a full tarball; an incremental push against a
+// full re-upload (registry.go).
+//
 // Medians over --runs; run by make bench-e2e on a cluster with layercache
 // installed (config/local) and the Go toolchain image imported.
 package main
@@ -62,7 +66,7 @@ func main() {
 	flag.StringVar(&size, "size", "1GiB", "cache size (GiB or MiB)")
 	flag.IntVar(&c.files, "files", 50000, "files in the cache")
 	flag.IntVar(&c.runs, "runs", 5, "runs per variant (medians)")
-	flag.StringVar(&c.parts, "parts", "synthetic,build", "what to measure: synthetic (pod start and a full read of a warm cache), build (a real Go build), load (many build pods at once)")
+	flag.StringVar(&c.parts, "parts", "synthetic,build", "what to measure: synthetic (pod start and a full read of a warm cache), build (a real Go build), load (many build pods at once), registry (caches across nodes through the registry; 3 nodes)")
 	flag.IntVar(&c.loadPods, "load-pods", 60, "pods created at once by the load part")
 	flag.IntVar(&c.loadRounds, "load-rounds", 3, "rounds of the load part (each: the emptyDir burst, then the layercache one)")
 	flag.StringVar(&c.repo, "repo", ".", "the layercache repository the real build compiles (its HEAD, vendored)")
@@ -117,11 +121,11 @@ func run(ctx context.Context, c config) error {
 		return err
 	}
 	b := &bench{config: c, cs: cs, ctx: ctx}
-	known := map[string]func() error{"synthetic": b.synthetic, "build": b.realBuild, "load": b.load}
+	known := map[string]func() error{"synthetic": b.synthetic, "build": b.realBuild, "load": b.load, "registry": b.registry}
 	parts := strings.Split(c.parts, ",")
 	for _, part := range parts {
 		if known[part] == nil {
-			return fmt.Errorf("--parts: unknown part %q (want a list of synthetic, build, load)", part)
+			return fmt.Errorf("--parts: unknown part %q (want a list of synthetic, build, load, registry)", part)
 		}
 	}
 	defer b.cleanup()
@@ -271,6 +275,7 @@ func (b *bench) cleanup() {
 }
 
 type podSpec struct {
+	node             string // pinned to it if set
 	image            string // busybox by default
 	env              []corev1.EnvVar
 	cache, trust, sa string
@@ -316,6 +321,9 @@ func (b *bench) pod(prefix string, s podSpec) (timing, error) {
 	}
 	if s.cache != "" {
 		p.Labels["layercache.io/cache"], p.Labels["layercache.io/trust"] = s.cache, s.trust
+	}
+	if s.node != "" {
+		p.Spec.NodeSelector = map[string]string{corev1.LabelHostname: s.node}
 	}
 	if s.init != "" {
 		p.Spec.InitContainers = []corev1.Container{{Name: "restore", Image: "localhost/busybox:dev", ImagePullPolicy: corev1.PullNever,

@@ -1,0 +1,303 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"regexp"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+)
+
+// The local cluster's registry (config/local/registry.yaml), reached from
+// this host through its Service's cluster IP.
+const (
+	registryHost   = "10.96.0.50:5000"
+	registryPrefix = "layercache"
+)
+
+// listFiles prints what a build sees of /cache: every entry with its mode,
+// link count and owner, a file's mtime and a symlink's target.
+const listFiles = `cd /cache && find . -mindepth 1 | sort | while read f; do
+  if [ -d "$f" ]; then stat -c '%n %A %u:%g' "$f"; else stat -c '%n %A %h %u:%g %Y %N' "$f"; fi
+done`
+
+// registryImage waits until the Cache's status.registry is the generation
+// gen that node pushed, and returns its image.
+func (e *env) registryImage(cache, node string, gen int64) string {
+	e.t.Helper()
+	ca := &v1alpha1.Cache{}
+	e.eventually(fmt.Sprintf("generation %d of %s on %s to be pushed", gen, cache, node), 60*time.Second, func() bool {
+		return c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: cache}, ca) == nil && ca.Status.Registry != nil &&
+			ca.Status.Registry.Node == node && ca.Status.Registry.Generation == gen
+	})
+	return ca.Status.Registry.Image
+}
+
+// registryGet reads path of the registry's HTTP API.
+func registryGet(t *testing.T, path, accept string) (int, []byte) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, "http://"+registryHost+"/v2/"+path, nil)
+	if accept != "" {
+		req.Header.Set("Accept", accept)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatalf("registry: %v", err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, body
+}
+
+// tags lists the tags of cache's repository (none if it has none).
+func (e *env) tags(cache string) []string {
+	e.t.Helper()
+	code, body := registryGet(e.t, registryPrefix+"/"+e.ns+"/"+cache+"/tags/list", "")
+	if code == http.StatusNotFound {
+		return nil
+	}
+	var list struct{ Tags []string }
+	if code != http.StatusOK || json.Unmarshal(body, &list) != nil {
+		e.t.Fatalf("tags of %s: %d %s", cache, code, body)
+	}
+	return list.Tags
+}
+
+// agentCounter reads a counter of the node agent on node, through the API
+// server's proxy.
+func (e *env) agentCounter(node, series string) float64 {
+	e.t.Helper()
+	agent := e.agentOn(node)
+	out := kubectl(e.t, "get", "--raw", "/api/v1/namespaces/layercache-system/pods/"+agent.Name+":8080/proxy/metrics")
+	for _, line := range strings.Split(out, "\n") {
+		if v, ok := strings.CutPrefix(line, series+" "); ok {
+			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
+			if err != nil {
+				e.t.Fatalf("metric %s: %q", series, line)
+			}
+			return f
+		}
+	}
+	return 0
+}
+
+// nodeCacheGeneration is node's NodeCache's generation (0 if none).
+func (e *env) nodeCacheGeneration(cache, node string) int64 {
+	nc := &v1alpha1.NodeCache{}
+	if c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: v1alpha1.NodeCacheName(cache, node)}, nc) != nil {
+		return 0
+	}
+	return nc.Status.Generation
+}
+
+func (e *env) runOn(node, pod, cache, script string) string {
+	e.t.Helper()
+	phase, out := e.run(on(node, buildPod(pod, cache, "read", "", script, nil)))
+	if phase != corev1.PodSucceeded {
+		e.t.Fatalf("%s on %s: %s: %s", pod, node, phase, out)
+	}
+	e.settled()
+	return out
+}
+
+// Two commits on node2; a build pinned to node3 sees exactly what one on
+// node2 sees: symlinks, hard links, modes, owners, mtimes, and the file
+// and the directory the second commit deleted stay deleted.
+func TestCacheFollowsBuildsAcrossNodes(t *testing.T) {
+	e := newEnv(t)
+	e.needNodes()
+	e.commitOn("node2", "shared", "w1", `cd /cache && echo keep > keep && echo gone > gone && mkdir -p dir/sub &&
+		echo deep > dir/sub/deep && ln -s keep link && ln keep hard && chmod 4750 keep &&
+		touch -t 202001020304.05 keep dir/sub/deep && chown 1234:5678 gone`)
+	e.registryImage("shared", "node2", 1)
+	e.commitOn("node2", "shared", "w2", `rm /cache/gone && rm -r /cache/dir && mkdir /cache/dir && echo new > /cache/dir/new`)
+	e.registryImage("shared", "node2", 2)
+
+	want := e.runOn("node2", "see-node2", "shared", listFiles)
+	got := e.runOn("node3", "see-node3", "shared", listFiles)
+	if got != want {
+		t.Fatalf("node3 sees:\n%s\nnode2 sees:\n%s", got, want)
+	}
+	for _, w := range []string{"./keep -rwsr-x--- 2 0:0 1577934245", "./link", "./dir/new", "'./link' -> 'keep'"} {
+		if !strings.Contains(got, w) {
+			t.Errorf("the listing lacks %q:\n%s", w, got)
+		}
+	}
+	for _, gone := range []string{"./gone", "./dir/sub"} {
+		if strings.Contains(got, gone) {
+			t.Errorf("%s was deleted by the second commit, yet node3 has it:\n%s", gone, got)
+		}
+	}
+	if ev := e.events("shared"); !strings.Contains(ev, "Node node3: "+registryHost) || !strings.Contains(ev, "(pull;") {
+		t.Errorf("no pull on node3 in the events:\n%s", ev)
+	}
+}
+
+// Once node3 holds the cache, a new commit on node2 is brought down to
+// node3 in the background: the next build there starts warm, with no
+// pull on its path.
+func TestPrefetchedNodeStartsWarm(t *testing.T) {
+	e := newEnv(t)
+	e.needNodes()
+	e.commitOn("node2", "pre", "w1", `echo 1 > /cache/one`)
+	e.registryImage("pre", "node2", 1)
+	if out := e.runOn("node3", "first-on-node3", "pre", `cat /cache/one`); out != "1" {
+		t.Fatalf("node3's first build saw %q", out)
+	}
+	e.eventually("node3's NodeCache", 30*time.Second, func() bool { return e.nodeCacheGeneration("pre", "node3") == 1 })
+
+	pullsBefore := e.agentCounter("node3", `layercache_registry_transfers_total{op="pull",result="ok"}`)
+	prefetchBefore := e.agentCounter("node3", `layercache_registry_transfers_total{op="prefetch",result="ok"}`)
+	e.commitOn("node2", "pre", "w2", `echo 2 > /cache/two`)
+	e.registryImage("pre", "node2", 2)
+	e.eventually("node3 to prefetch the second commit", 60*time.Second, func() bool { return e.nodeCacheGeneration("pre", "node3") == 2 })
+	if n := e.agentCounter("node3", `layercache_registry_transfers_total{op="prefetch",result="ok"}`); n != prefetchBefore+1 {
+		t.Errorf("node3 prefetched %v times, want 1", n-prefetchBefore)
+	}
+	if out := e.runOn("node3", "warm-on-node3", "pre", `cat /cache/one /cache/two`); out != "1\n2" {
+		t.Fatalf("the build after the prefetch saw %q", out)
+	}
+	if n := e.agentCounter("node3", `layercache_registry_transfers_total{op="pull",result="ok"}`); n != pullsBefore {
+		t.Errorf("the build after the prefetch pulled on its path (%v pulls)", n-pullsBefore)
+	}
+}
+
+// What an untrusted writer writes never reaches the registry.
+func TestUntrustedWriterNeverReachesTheRegistry(t *testing.T) {
+	e := newEnv(t)
+	e.needNodes()
+	e.commitOn("node2", "guarded", "trusted", `echo clean > /cache/state`)
+	image := e.registryImage("guarded", "node2", 1)
+	// The default service account is not allowed to commit.
+	phase, out := e.run(on("node2", buildPod("pr", "guarded", "write", "", `echo poison > /cache/state; echo poison > /cache/extra`, nil)))
+	if phase != corev1.PodSucceeded {
+		t.Fatalf("untrusted writer: %s %s", phase, out)
+	}
+	e.settled()
+	time.Sleep(3 * time.Second) // a push, if any, would have started by now
+	ca := &v1alpha1.Cache{}
+	if err := c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: "guarded"}, ca); err != nil || ca.Status.Registry.Image != image {
+		t.Fatalf("status.registry moved after an untrusted build: %+v, %v", ca.Status.Registry, err)
+	}
+	if tags := e.tags("guarded"); len(tags) != 1 {
+		t.Errorf("the registry has tags %v; want the trusted commit's only", tags)
+	}
+	if out := e.runOn("node3", "read-node3", "guarded", `cat /cache/*`); out != "clean" {
+		t.Errorf("node3 sees %q", out)
+	}
+}
+
+// With the registry stopped, a build on a cold node starts from nothing
+// and succeeds, with a PullFailed event, and a commit's push fails
+// (PushFailed) and is retried until the registry is back. (The local
+// registry keeps its data in an emptyDir: it comes back empty, and the
+// retried push uploads every layer again.)
+func TestRegistryDownBuildsStillRun(t *testing.T) {
+	e := newEnv(t)
+	e.needNodes()
+	e.commitOn("node2", "down", "w1", `echo 1 > /cache/one`)
+	e.registryImage("down", "node2", 1)
+
+	scale := func(n string) {
+		kubectl(t, "-n", "layercache-system", "scale", "deployment/layercache-registry", "--replicas="+n)
+	}
+	t.Cleanup(func() { scale("1") }) // even if the test fails
+	scale("0")
+	e.eventually("the registry to stop", 60*time.Second, func() bool {
+		cl := http.Client{Timeout: time.Second}
+		resp, err := cl.Get("http://" + registryHost + "/v2/")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err != nil
+	})
+	start := time.Now()
+	if out := e.runOn("node3", "cold", "down", `ls /cache | wc -l`); out != "0" {
+		t.Fatalf("the build with the registry down saw %q files", out)
+	}
+	t.Logf("the build on a cold node with the registry down took %s", time.Since(start).Round(100*time.Millisecond))
+	if ev := e.events("down"); !strings.Contains(ev, "PullFailed: Node node3") {
+		t.Errorf("no PullFailed event:\n%s", ev)
+	}
+	e.commitOn("node2", "down", "w2", `echo 2 > /cache/two`)
+	e.eventually("a PushFailed event", 30*time.Second, func() bool { return strings.Contains(e.events("down"), "PushFailed: Node node2") })
+
+	scale("1")
+	e.eventually("the registry to answer", 60*time.Second, func() bool {
+		cl := http.Client{Timeout: time.Second}
+		resp, err := cl.Get("http://" + registryHost + "/v2/")
+		if err == nil {
+			resp.Body.Close()
+		}
+		return err == nil && resp.StatusCode == http.StatusOK
+	})
+	e.registryImage("down", "node2", 2) // the push was retried
+	if out := e.runOn("node3", "back", "down", `cat /cache/one /cache/two`); out != "1\n2" {
+		t.Fatalf("with the registry back, the build on node3 saw %q", out)
+	}
+}
+
+// A blob altered in the registry's storage is detected: the node does not
+// use it, and the build starts from what the node has (nothing).
+func TestTamperedBlobIsDetected(t *testing.T) {
+	e := newEnv(t)
+	e.needNodes()
+	e.commitOn("node2", "tampered", "w1", `seq 1 20000 > /cache/numbers`)
+	image := e.registryImage("tampered", "node2", 1)
+	digest := image[strings.LastIndex(image, "@")+1:]
+	code, body := registryGet(t, registryPrefix+"/"+e.ns+"/tampered/manifests/"+digest, "application/vnd.oci.image.manifest.v1+json")
+	var m struct{ Layers []struct{ Digest string } }
+	if code != http.StatusOK || json.Unmarshal(body, &m) != nil || len(m.Layers) != 1 {
+		t.Fatalf("manifest: %d %s", code, body)
+	}
+	hex := strings.TrimPrefix(m.Layers[0].Digest, "sha256:")
+	if !regexp.MustCompile(`^[0-9a-f]{64}$`).MatchString(hex) {
+		t.Fatalf("layer digest %q", m.Layers[0].Digest)
+	}
+	blob := "/var/lib/registry/docker/registry/v2/blobs/sha256/" + hex[:2] + "/" + hex + "/data"
+	kubectl(t, "-n", "layercache-system", "exec", "deploy/layercache-registry", "--", "sh", "-c",
+		"printf XXXX | dd of="+blob+" bs=1 seek=100 conv=notrunc 2>/dev/null")
+
+	if out := e.runOn("node3", "cold", "tampered", `ls /cache | wc -l`); out != "0" {
+		t.Fatalf("node3 used a tampered blob: the build saw %q files", out)
+	}
+	if ev := e.events("tampered"); !strings.Contains(ev, "PullFailed: Node node3") || !strings.Contains(ev, "does not match its digest") {
+		t.Errorf("no PullFailed event naming the digest:\n%s", ev)
+	}
+}
+
+// Deleting a Cache deletes its images from the registry.
+func TestDeletingACacheDeletesItsImages(t *testing.T) {
+	e := newEnv(t)
+	e.needNodes()
+	e.commitOn("node2", "doomed", "w1", `echo 1 > /cache/one`)
+	e.registryImage("doomed", "node2", 1)
+	if tags := e.tags("doomed"); len(tags) != 1 {
+		t.Fatalf("tags before the deletion: %v", tags)
+	}
+	ca := &v1alpha1.Cache{}
+	if err := c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: "doomed"}, ca); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Delete(e.ctx, ca); err != nil {
+		t.Fatal(err)
+	}
+	e.eventually("the Cache to go", 60*time.Second, func() bool {
+		return apierrors.IsNotFound(c.Get(e.ctx, client.ObjectKeyFromObject(ca), ca))
+	})
+	if tags := e.tags("doomed"); len(tags) != 0 {
+		t.Errorf("tags after the deletion: %v", tags)
+	}
+}
