@@ -17,6 +17,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -251,12 +252,12 @@ func (b *bench) waitNodeGeneration(cache, node string, after int64) error {
 // deletes the data) and waits until it is gone.
 func (b *bench) forget(cache, node string) error {
 	path := b.cs.Discovery().RESTClient().Delete().AbsPath("/apis/layercache.io/v1alpha1/namespaces", ns, "nodecaches", cache+"."+node)
-	if _, err := path.DoRaw(b.ctx); err != nil && !strings.Contains(err.Error(), "not found") {
+	if _, err := path.DoRaw(b.ctx); err != nil && !apierrors.IsNotFound(err) {
 		return err
 	}
 	for deadline := time.Now().Add(2 * time.Minute); ; time.Sleep(200 * time.Millisecond) {
 		_, err := b.cs.Discovery().RESTClient().Get().AbsPath("/apis/layercache.io/v1alpha1/namespaces", ns, "nodecaches", cache+"."+node).DoRaw(b.ctx)
-		if err != nil && strings.Contains(err.Error(), "not found") {
+		if apierrors.IsNotFound(err) {
 			return nil
 		}
 		if time.Now().After(deadline) {
