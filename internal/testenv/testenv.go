@@ -99,6 +99,9 @@ func Start(t testing.TB, opts ...Options) *Env {
 		ErrorIfCRDPathMissing: true,
 		Scheme:                scheme,
 	}
+	// The local cluster's service range (hack/cluster/lib.sh): config/local
+	// gives its registry a fixed cluster IP in it.
+	env.ControlPlane.GetAPIServer().Configure().Set("service-cluster-ip-range", "10.96.0.0/16")
 	for _, o := range opts {
 		for _, p := range o.WebhookPaths {
 			env.WebhookInstallOptions.Paths = append(env.WebhookInstallOptions.Paths, filepath.Join(root, p))
