@@ -15,9 +15,14 @@ import (
 	"k8s.io/client-go/tools/record"
 	"k8s.io/klog/v2"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
@@ -66,11 +71,74 @@ const (
 
 // +kubebuilder:rbac:groups=layercache.io,resources=caches,verbs=get;list;watch;update;patch
 // +kubebuilder:rbac:groups=layercache.io,resources=caches/status,verbs=get;update;patch
-// +kubebuilder:rbac:groups=layercache.io,resources=nodecaches,verbs=get;list;watch;update;patch;delete
+// +kubebuilder:rbac:groups=layercache.io,resources=nodecaches,verbs=get;list;watch;create;update;patch;delete
+// +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
 
-// SetupWithManager registers the reconciler.
+// SetupWithManager registers the reconciler. A node that joins wakes the
+// Caches that every node prefetches.
 func (r *CacheReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	return ctrl.NewControllerManagedBy(mgr).Named("cache").For(&v1alpha1.Cache{}).Owns(&v1alpha1.NodeCache{}).Complete(r)
+	return ctrl.NewControllerManagedBy(mgr).Named("cache").For(&v1alpha1.Cache{}).Owns(&v1alpha1.NodeCache{}).
+		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.prefetchingEverywhere),
+			builder.WithPredicates(predicate.Funcs{
+				CreateFunc: func(event.CreateEvent) bool { return true },
+				UpdateFunc: func(event.UpdateEvent) bool { return false },
+				DeleteFunc: func(event.DeleteEvent) bool { return false },
+			})).
+		Complete(r)
+}
+
+// prefetchingEverywhere lists the Caches that every node prefetches.
+func (r *CacheReconciler) prefetchingEverywhere(ctx context.Context, _ client.Object) []reconcile.Request {
+	if r.Registry == nil {
+		return nil
+	}
+	list := &v1alpha1.CacheList{}
+	if err := r.List(ctx, list); err != nil {
+		logf.FromContext(ctx).Error(err, "Listing Caches for a new node")
+		return nil
+	}
+	var reqs []reconcile.Request
+	for _, c := range list.Items {
+		if c.Spec.Prefetch == v1alpha1.PrefetchAllNodes {
+			reqs = append(reqs, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(&c)})
+		}
+	}
+	return reqs
+}
+
+// prefetchOnAllNodes creates a NodeCache, holding the newest image, for
+// every node that has none, if the Cache asks for it: each node's agent
+// then pulls the image in the background.
+func (r *CacheReconciler) prefetchOnAllNodes(ctx context.Context, c *v1alpha1.Cache, ncs []v1alpha1.NodeCache) error {
+	if r.Registry == nil || c.Spec.Prefetch != v1alpha1.PrefetchAllNodes || !c.SyncsThroughRegistry() || c.Status.Registry == nil {
+		return nil
+	}
+	nodes := &corev1.NodeList{}
+	if err := r.List(ctx, nodes); err != nil {
+		return err
+	}
+	has := map[string]bool{}
+	for _, nc := range ncs {
+		has[nc.Spec.Node] = true
+	}
+	for _, n := range nodes.Items {
+		if has[n.Name] || n.DeletionTimestamp != nil {
+			continue
+		}
+		nc := &v1alpha1.NodeCache{
+			ObjectMeta: metav1.ObjectMeta{Namespace: c.Namespace, Name: v1alpha1.NodeCacheName(c.Name, n.Name),
+				Labels:     map[string]string{v1alpha1.LabelCache: c.Name, v1alpha1.LabelNode: v1alpha1.NodeLabelValue(n.Name)},
+				Finalizers: []string{v1alpha1.FinalizerNodeData}},
+			Spec: v1alpha1.NodeCacheSpec{Cache: c.Name, Node: n.Name, TTL: c.Spec.TTL.DeepCopy(), Registry: c.Status.Registry.DeepCopy()},
+		}
+		if err := controllerutil.SetControllerReference(c, nc, r.Scheme()); err != nil {
+			return err
+		}
+		if err := r.Create(ctx, nc); client.IgnoreAlreadyExists(err) != nil {
+			return fmt.Errorf("creating NodeCache %s: %w", nc.Name, err)
+		}
+	}
+	return nil
 }
 
 // Reconcile implements reconcile.Reconciler.
@@ -109,6 +177,9 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 		if err := r.copySpec(ctx, c, &list.Items[i]); err != nil {
 			return ctrl.Result{}, err
 		}
+	}
+	if err := r.prefetchOnAllNodes(ctx, c, list.Items); err != nil {
+		return ctrl.Result{}, err
 	}
 	if equality.Semantic.DeepEqual(before.Status, c.Status) {
 		return ctrl.Result{}, nil

@@ -33,7 +33,9 @@ type suite struct {
 	c   client.Client
 }
 
-func start(t *testing.T) *suite {
+func start(t *testing.T) *suite { return startWith(t, controllers.Options{}) }
+
+func startWith(t *testing.T, opts controllers.Options) *suite {
 	env := testenv.Start(t)
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{
 		Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"}, Cache: controllers.CacheOptions(),
@@ -43,7 +45,7 @@ func start(t *testing.T) *suite {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := controllers.Setup(mgr, controllers.Options{}); err != nil {
+	if err := controllers.Setup(mgr, opts); err != nil {
 		t.Fatal(err)
 	}
 	ctx := testenv.RunManager(t, mgr)

@@ -15,6 +15,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
@@ -299,5 +300,27 @@ func TestDeletingACacheDeletesItsImages(t *testing.T) {
 	})
 	if tags := e.tags("doomed"); len(tags) != 0 {
 		t.Errorf("tags after the deletion: %v", tags)
+	}
+}
+
+// A Cache with prefetch: AllNodes is brought down on every node, even
+// those that never ran a build of it: a first build on any node starts
+// warm, with no pull on its path.
+func TestPrefetchOnAllNodes(t *testing.T) {
+	e := newEnv(t)
+	e.needNodes()
+	e.create(&v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Name: "everywhere", Namespace: e.ns},
+		Spec: v1alpha1.CacheSpec{Prefetch: v1alpha1.PrefetchAllNodes}})
+	e.commitOn("node2", "everywhere", "w1", `echo hi > /cache/greeting`)
+	e.registryImage("everywhere", "node2", 1)
+	for _, node := range e.nodeNames() {
+		e.eventually("the cache on "+node, 60*time.Second, func() bool { return e.nodeCacheGeneration("everywhere", node) >= 1 })
+	}
+	pulls := e.agentCounter("node3", `layercache_registry_transfers_total{op="pull",result="ok"}`)
+	if out := e.runOn("node3", "first-on-node3", "everywhere", `cat /cache/greeting`); out != "hi" {
+		t.Fatalf("the first build on node3 saw %q", out)
+	}
+	if n := e.agentCounter("node3", `layercache_registry_transfers_total{op="pull",result="ok"}`); n != pulls {
+		t.Errorf("the first build on node3 pulled on its path (%v pulls)", n-pulls)
 	}
 }

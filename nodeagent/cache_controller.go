@@ -37,6 +37,10 @@ type CacheReconciler struct {
 	Store    *engine.Store
 	NodeName string
 	Recorder record.EventRecorder
+	// Prefetching: a registry is configured. A NodeCache that names an
+	// image and has no data here yet (the manager made it, for a Cache
+	// that every node prefetches) is then kept for the Syncer to fill.
+	Prefetching bool
 	// Now is the clock (tests set it).
 	Now func() time.Time
 }
@@ -78,6 +82,9 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 		return ctrl.Result{}, err
 	}
 	if !here {
+		if r.Prefetching && nc.Spec.Registry != nil {
+			return ctrl.Result{}, nil // the Syncer brings it down
+		}
 		// No data here (evicted, deleted, or never): the NodeCache must not
 		// say otherwise.
 		return ctrl.Result{}, r.withdraw(ctx, nc)

@@ -64,7 +64,7 @@ func Setup(mgr manager.Manager, opts Options) error {
 	}
 	compact := make(chan engine.Key, 64)
 	recorder := mgr.GetEventRecorderFor("layercache-node-" + v1alpha1.NodeLabelValue(opts.NodeName))
-	caches := &CacheReconciler{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder}
+	caches := &CacheReconciler{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Prefetching: opts.Registry != nil}
 	errs := []error{
 		(&VolumeReconciler{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Compact: compact}).SetupWithManager(mgr),
 		caches.SetupWithManager(mgr),

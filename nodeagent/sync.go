@@ -96,11 +96,8 @@ func (s *Syncer) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, 
 		return ctrl.Result{}, err
 	}
 	defer unlock()
-	info, err := s.Store.Inspect(key)
-	if errors.Is(err, engine.ErrNotFound) {
-		return ctrl.Result{}, nil
-	}
-	if err != nil {
+	info, err := s.Store.Inspect(key) // no data here: no head, a pull to do
+	if err != nil && !errors.Is(err, engine.ErrNotFound) {
 		return ctrl.Result{}, err
 	}
 	if h := info.Head; h != nil && shouldPush(*h, nc, cache.Status.Registry) {

@@ -2,6 +2,7 @@ package nodeagent
 
 import (
 	"net"
+	"os"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -194,5 +195,76 @@ func TestSlowRegistryNeverHoldsABuild(t *testing.T) {
 	}
 	if err := s.store.Discard("pvc-slow"); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// A NodeCache the manager made for a Cache that every node prefetches
+// (spec.registry set, no data on the node) is kept, and the node brings
+// the image down without any build.
+func TestPrefetchOnANodeThatNeverHeldTheCache(t *testing.T) {
+	requireRoot(t)
+	reg := testenv.StartRegistry(t)
+	rc, err := registry.New(registry.Config{Prefix: reg.Addr + "/caches", Insecure: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startNodeWith(t, func(o *Options) { o.Registry = rc })
+	ns := s.namespace()
+	key := engine.Key{Namespace: ns, Name: "everywhere"}
+
+	// Another node's commit, pushed.
+	other, dir := newStore(t)
+	suite := &nodeSuite{t: t, ctx: s.ctx, store: other, dir: dir}
+	id := "v-other"
+	if _, err := other.CreateVolume(id, key, engine.VolumeOptions{Writable: true}); err != nil {
+		t.Fatal(err)
+	}
+	mnt := filepath.Join(dir, "mnt")
+	if err := other.Mount(id, mnt); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(mnt, "f"), []byte("from elsewhere"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := other.Unmount(id); err != nil {
+		t.Fatal(err)
+	}
+	res, err := other.Commit(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	info, err := other.Inspect(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := rc.Push(s.ctx, other, key, *info.Head, "node-x")
+	if err != nil {
+		t.Fatal(err)
+	}
+	repo, _ := rc.Repository(key)
+	img := &v1alpha1.RegistryImage{Image: repo.String() + "@" + p.Digest, Node: "node-x", Generation: res.Generation,
+		CommitTime: metav1.NewMicroTime(info.Head.Committed())}
+
+	cache := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "everywhere"},
+		Spec: v1alpha1.CacheSpec{Prefetch: v1alpha1.PrefetchAllNodes}}
+	if err := s.c.Create(s.ctx, cache); err != nil {
+		t.Fatal(err)
+	}
+	nc := &v1alpha1.NodeCache{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: v1alpha1.NodeCacheName("everywhere", "node-a"),
+			Labels:     map[string]string{v1alpha1.LabelCache: "everywhere", v1alpha1.LabelNode: "node-a"},
+			Finalizers: []string{v1alpha1.FinalizerNodeData}},
+		Spec: v1alpha1.NodeCacheSpec{Cache: "everywhere", Node: "node-a", Registry: img},
+	}
+	if err := s.c.Create(s.ctx, nc); err != nil {
+		t.Fatal(err)
+	}
+	got := s.nodeCache(ns, "everywhere") // waits for a status: the pull reported
+	if got.Status.Generation < 1 {
+		t.Fatalf("node-a's NodeCache: %+v", got.Status)
+	}
+	suite.store = s.store
+	if files := suite.content(key); files["f"] != "from elsewhere" {
+		t.Fatalf("node-a prefetched %v", files)
 	}
 }

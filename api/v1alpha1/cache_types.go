@@ -35,7 +35,24 @@ type CacheSpec struct {
 	// +optional
 	// +kubebuilder:validation:Enum=Enabled;Disabled
 	RegistrySync RegistrySync `json:"registrySync,omitempty"`
+
+	// Prefetch says which nodes bring each new image of the cache down
+	// from the registry in the background: HoldingNodes (the default),
+	// those that hold the cache; AllNodes, every node, so that a build
+	// starts warm wherever it lands (a node added later included).
+	// +optional
+	// +kubebuilder:validation:Enum=HoldingNodes;AllNodes
+	Prefetch Prefetch `json:"prefetch,omitempty"`
 }
+
+// Prefetch selects the nodes that prefetch a cache.
+type Prefetch string
+
+// Prefetch values.
+const (
+	PrefetchHoldingNodes Prefetch = "HoldingNodes"
+	PrefetchAllNodes     Prefetch = "AllNodes"
+)
 
 // RegistrySync turns registry sync on or off for one cache.
 type RegistrySync string

@@ -1,0 +1,97 @@
+package controllers_test
+
+import (
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/controllers"
+	"github.com/layercache/layercache/internal/registry"
+)
+
+// The newest pushed image (by commit time, whichever node pushed it)
+// becomes the Cache's status.registry and every NodeCache's
+// spec.registry; a Cache that asks for it gets a NodeCache, holding the
+// image, on every node, a node that joins later included.
+func TestNewestImageAndPrefetchOnAllNodes(t *testing.T) {
+	rc, err := registry.New(registry.Config{Prefix: "127.0.0.1:1/caches", Insecure: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startWith(t, controllers.Options{Registry: rc})
+	ns := s.namespace()
+	c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "everywhere"},
+		Spec: v1alpha1.CacheSpec{Prefetch: v1alpha1.PrefetchAllNodes}}
+	s.create(c)
+	t1 := time.Date(2026, 1, 1, 10, 0, 0, 123456000, time.UTC)
+	image := func(node, hex string, at time.Time) *v1alpha1.RegistryImage {
+		return &v1alpha1.RegistryImage{Image: "127.0.0.1:1/caches/" + ns + "/everywhere@sha256:" + hex, Node: node,
+			Generation: 1, CommitTime: metav1.NewMicroTime(at)}
+	}
+	pushedA := image("node-a", "aa", t1)
+	s.nodeCache(c, "node-a", v1alpha1.NodeCacheStatus{Generation: 1, Pushed: pushedA})
+
+	registryOf := func() *v1alpha1.RegistryImage {
+		got := &v1alpha1.Cache{}
+		if s.c.Get(s.ctx, client.ObjectKeyFromObject(c), got) != nil {
+			return nil
+		}
+		return got.Status.Registry
+	}
+	specOf := func(node string) *v1alpha1.RegistryImage {
+		nc := &v1alpha1.NodeCache{}
+		if s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("everywhere", node)}, nc) != nil {
+			return nil
+		}
+		return nc.Spec.Registry
+	}
+	s.eventually("node-a's push to be the Cache's image", func() bool {
+		r := registryOf()
+		return r != nil && r.Image == pushedA.Image && r.CommitTime.Equal(&pushedA.CommitTime)
+	})
+	s.eventually("node-a's NodeCache to name the image", func() bool { r := specOf("node-a"); return r != nil && r.Image == pushedA.Image })
+
+	// A node that joins gets a NodeCache holding the image, for its agent
+	// to pull.
+	s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b"}})
+	s.eventually("a NodeCache on the new node", func() bool { r := specOf("node-b"); return r != nil && r.Image == pushedA.Image })
+	ncB := &v1alpha1.NodeCache{}
+	if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("everywhere", "node-b")}, ncB); err != nil {
+		t.Fatal(err)
+	}
+	if ncB.Labels[v1alpha1.LabelNode] != "node-b" || len(ncB.Finalizers) != 1 || ncB.Finalizers[0] != v1alpha1.FinalizerNodeData ||
+		len(ncB.OwnerReferences) != 1 || ncB.OwnerReferences[0].Name != "everywhere" {
+		t.Errorf("node-b's NodeCache: %+v", ncB.ObjectMeta)
+	}
+
+	// A newer commit pushed by node-b wins, and reaches node-a; an older
+	// one pushed later does not.
+	before := ncB.DeepCopy()
+	ncB.Status = v1alpha1.NodeCacheStatus{Node: "node-b", Generation: 1, Layers: 1, Size: resource.MustParse("1Mi"),
+		Pushed: image("node-b", "bb", t1.Add(time.Second))}
+	if err := s.c.Status().Patch(s.ctx, ncB, client.MergeFrom(before)); err != nil {
+		t.Fatal(err)
+	}
+	s.eventually("node-b's newer push to reach node-a", func() bool {
+		r := specOf("node-a")
+		return r != nil && r.Node == "node-b" && registryOf().Node == "node-b"
+	})
+	ncA := &v1alpha1.NodeCache{}
+	if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("everywhere", "node-a")}, ncA); err != nil {
+		t.Fatal(err)
+	}
+	before = ncA.DeepCopy()
+	ncA.Status.Pushed = image("node-a", "cc", t1.Add(-time.Hour))
+	if err := s.c.Status().Patch(s.ctx, ncA, client.MergeFrom(before)); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second) // the reconcile that follows the patch
+	if r := registryOf(); r == nil || r.Node != "node-b" {
+		t.Errorf("an older commit replaced the newest image: %+v", r)
+	}
+}
