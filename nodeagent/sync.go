@@ -233,21 +233,27 @@ func (s *Syncer) BeforeVolume(ctx context.Context, key engine.Key) {
 	if want == nil || cache.DeletionTimestamp != nil || !cache.SyncsThroughRegistry() {
 		return
 	}
+	isBehind := func() bool {
+		info, err := s.Store.Inspect(key)
+		if err != nil && !errors.Is(err, engine.ErrNotFound) {
+			logf.FromContext(ctx).Error(err, "Inspecting the cache before a volume's setup", "cache", cacheRef(key))
+			return false
+		}
+		return behind(info.Head, want)
+	}
+	if !isBehind() {
+		return // up to date: no need to wait for a transfer in progress
+	}
 	ctx, cancel := context.WithTimeout(ctx, s.PullTimeout)
 	defer cancel()
 	unlock, err := s.lock(ctx, key)
 	if err != nil {
 		registryTransfers.WithLabelValues("pull", "failed").Inc()
-		s.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonPullFailed, "Node %s: a pull of %s was still running after %s; the build starts from what the node has", s.NodeName, want.Image, s.PullTimeout)
+		s.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonPullFailed, "Node %s: another transfer of the cache was still running after %s; the build starts from what the node has", s.NodeName, s.PullTimeout)
 		return
 	}
 	defer unlock()
-	info, err := s.Store.Inspect(key)
-	if err != nil && !errors.Is(err, engine.ErrNotFound) {
-		logf.FromContext(ctx).Error(err, "Inspecting the cache before a volume's setup", "cache", cacheRef(key))
-		return
-	}
-	if !behind(info.Head, want) {
+	if !isBehind() { // a prefetch got it meanwhile
 		return
 	}
 	if s.pull(ctx, "pull", key, cache, want) != nil {

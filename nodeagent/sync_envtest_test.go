@@ -23,17 +23,22 @@ import (
 	"github.com/layercache/layercache/internal/testenv"
 )
 
-// A commit on node-a reaches node-b through a real registry: pulled when
-// node-b sets up a volume, then prefetched in the background once node-b
-// holds the cache. Deleting the Cache deletes its images.
-func TestCachesFollowBuildsThroughTheRegistry(t *testing.T) {
+// startNodeWithRegistry starts node-a's agent with a real registry.
+func startNodeWithRegistry(t *testing.T) (*nodeSuite, *registry.Client, *testenv.Registry) {
 	requireRoot(t)
 	reg := testenv.StartRegistry(t)
 	rc, err := registry.New(registry.Config{Prefix: reg.Addr + "/caches", Insecure: true})
 	if err != nil {
 		t.Fatal(err)
 	}
-	s := startNodeWith(t, func(o *Options) { o.Registry = rc })
+	return startNodeWith(t, func(o *Options) { o.Registry = rc }), rc, reg
+}
+
+// A commit on node-a reaches node-b through a real registry: pulled when
+// node-b sets up a volume, then prefetched in the background once node-b
+// holds the cache. Deleting the Cache deletes its images.
+func TestCachesFollowBuildsThroughTheRegistry(t *testing.T) {
+	s, rc, reg := startNodeWithRegistry(t)
 	env := &testenv.Env{Config: s.cfg, Scheme: s.c.Scheme()}
 
 	// The manager's side: status.registry gathered and copied to the
@@ -202,13 +207,7 @@ func TestSlowRegistryNeverHoldsABuild(t *testing.T) {
 // (spec.registry set, no data on the node) is kept, and the node brings
 // the image down without any build.
 func TestPrefetchOnANodeThatNeverHeldTheCache(t *testing.T) {
-	requireRoot(t)
-	reg := testenv.StartRegistry(t)
-	rc, err := registry.New(registry.Config{Prefix: reg.Addr + "/caches", Insecure: true})
-	if err != nil {
-		t.Fatal(err)
-	}
-	s := startNodeWith(t, func(o *Options) { o.Registry = rc })
+	s, rc, _ := startNodeWithRegistry(t)
 	ns := s.namespace()
 	key := engine.Key{Namespace: ns, Name: "everywhere"}
 
