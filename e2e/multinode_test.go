@@ -43,9 +43,14 @@ func cluster(t *testing.T, script string, args ...string) {
 	}
 }
 
+// kubectlCmd is kubectl on the local cluster.
+func kubectlCmd(args ...string) *exec.Cmd {
+	return exec.Command(filepath.Join(repo, "bin", "k8s", "v1.33.13", "kubectl"), append([]string{"--kubeconfig", kubeconfig}, args...)...)
+}
+
 func kubectl(t *testing.T, args ...string) string {
 	t.Helper()
-	out, err := exec.Command(filepath.Join(repo, "bin", "k8s", "v1.33.13", "kubectl"), append([]string{"--kubeconfig", kubeconfig}, args...)...).CombinedOutput()
+	out, err := kubectlCmd(args...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("kubectl %v: %v\n%s", args, err, out)
 	}

@@ -5,8 +5,6 @@ package e2e
 import (
 	"encoding/json"
 	"fmt"
-	"os/exec"
-	"path/filepath"
 	"regexp"
 	"strconv"
 	"strings"
@@ -52,13 +50,12 @@ func (e *env) registryImage(cache, node string, gen int64) string {
 // an HTTP error or no pod.
 func registryGet(t *testing.T, path, accept string) (bool, []byte) {
 	t.Helper()
-	args := []string{"--kubeconfig", kubeconfig, "-n", "layercache-system", "exec", "deploy/layercache-registry", "--",
-		"wget", "-q", "-O-"}
+	args := []string{"-n", "layercache-system", "exec", "deploy/layercache-registry", "--", "wget", "-q", "-O-"}
 	if accept != "" {
 		args = append(args, "--header", "Accept: "+accept)
 	}
 	args = append(args, "http://127.0.0.1:5000/v2/"+path)
-	out, err := exec.Command(filepath.Join(repo, "bin", "k8s", "v1.33.13", "kubectl"), args...).Output()
+	out, err := kubectlCmd(args...).Output()
 	return err == nil, out
 }
 
@@ -255,7 +252,7 @@ func TestTamperedBlobIsDetected(t *testing.T) {
 	e.needNodes()
 	e.commitOn("node2", "tampered", "w1", `seq 1 20000 > /cache/numbers`)
 	image := e.registryImage("tampered", "node2", 1)
-	digest := image[strings.LastIndex(image, "@")+1:]
+	_, digest, _ := strings.Cut(image, "@")
 	ok, body := registryGet(t, registryPrefix+"/"+e.ns+"/tampered/manifests/"+digest, "application/vnd.oci.image.manifest.v1+json")
 	var m struct{ Layers []struct{ Digest string } }
 	if !ok || json.Unmarshal(body, &m) != nil || len(m.Layers) != 1 {

@@ -135,22 +135,13 @@ func behind(h *engine.Generation, want *v1alpha1.RegistryImage) bool {
 	if h == nil {
 		return true
 	}
-	if digestOf(want.Image) == h.Labels[registry.LabelDigest] {
+	if want.Digest() == h.Labels[registry.LabelDigest] {
 		return false
 	}
 	return want.CommitTime.After(micro(h.Committed()))
 }
 
 func micro(t time.Time) time.Time { return t.Truncate(time.Microsecond) }
-
-func digestOf(image string) string {
-	for i := len(image) - 1; i >= 0; i-- {
-		if image[i] == '@' {
-			return image[i+1:]
-		}
-	}
-	return ""
-}
 
 func (s *Syncer) push(ctx context.Context, nc *v1alpha1.NodeCache, cache *v1alpha1.Cache, h engine.Generation) error {
 	key := engine.Key{Namespace: nc.Namespace, Name: nc.Spec.Cache}
@@ -198,7 +189,7 @@ func (s *Syncer) pull(ctx context.Context, op string, key engine.Key, cache *v1a
 		opts.Import.MaxBytes = cache.Spec.MaxSize.Value()
 	}
 	start := time.Now()
-	res, err := s.Registry.Pull(ctx, s.Store, key, digestOf(want.Image), opts)
+	res, err := s.Registry.Pull(ctx, s.Store, key, want.Digest(), opts)
 	registrySeconds.WithLabelValues(op).Add(time.Since(start).Seconds())
 	registryBytes.WithLabelValues(op).Add(float64(res.Bytes))
 	if err != nil {

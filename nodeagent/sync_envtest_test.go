@@ -112,7 +112,7 @@ func TestCachesFollowBuildsThroughTheRegistry(t *testing.T) {
 	s.eventually("node-b to prefetch the second commit", func() bool {
 		info, err := storeB.Inspect(key)
 		return err == nil && info.Head != nil && info.Head.Labels[registry.LabelDigest] != "" &&
-			info.Head.Labels[registry.LabelDigest] != digestOf(first.Image)
+			info.Head.Labels[registry.LabelDigest] != first.Digest()
 	})
 	suite := &nodeSuite{t: t, ctx: s.ctx, store: storeB, dir: dirB}
 	if got := suite.content(key); got["f"] != "1" || got["g"] != "2" {

@@ -1,6 +1,8 @@
 package v1alpha1
 
 import (
+	"strings"
+
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
@@ -53,6 +55,12 @@ const (
 	PrefetchHoldingNodes Prefetch = "HoldingNodes"
 	PrefetchAllNodes     Prefetch = "AllNodes"
 )
+
+// Digest is the image's manifest digest (what follows the "@").
+func (i *RegistryImage) Digest() string {
+	_, digest, _ := strings.Cut(i.Image, "@")
+	return digest
+}
 
 // RegistrySync turns registry sync on or off for one cache.
 type RegistrySync string
