@@ -58,8 +58,15 @@ type Syncer struct {
 	// PullTimeout bounds a pull on a volume's setup.
 	PullTimeout time.Duration
 
-	mu    sync.Mutex
-	locks map[engine.Key]chan struct{}
+	mu     sync.Mutex
+	locks  map[engine.Key]chan struct{}
+	pushed map[engine.Key]int64 // the generation last pushed, per cache
+}
+
+func (s *Syncer) pushedGeneration(key engine.Key) int64 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.pushed[key]
 }
 
 // SetupWithManager registers the reconciler.
@@ -100,10 +107,15 @@ func (s *Syncer) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, 
 	if err != nil && !errors.Is(err, engine.ErrNotFound) {
 		return ctrl.Result{}, err
 	}
-	if h := info.Head; h != nil && shouldPush(*h, nc, cache.Status.Registry) {
+	// The NodeCache read may predate the status our last push wrote: the
+	// generation pushed is also remembered here, so it is not sent twice.
+	if h := info.Head; h != nil && shouldPush(*h, nc, cache.Status.Registry) && s.pushedGeneration(key) != h.Number {
 		if err := s.push(ctx, nc, cache, *h); err != nil {
 			return ctrl.Result{}, err
 		}
+		s.mu.Lock()
+		s.pushed[key] = h.Number
+		s.mu.Unlock()
 	}
 	if want := nc.Spec.Registry; want != nil && behind(info.Head, want) {
 		ctx, cancel := context.WithTimeout(ctx, prefetchTimeout)
@@ -266,7 +278,7 @@ func (s *Syncer) BeforeVolume(ctx context.Context, key engine.Key) {
 func (s *Syncer) lock(ctx context.Context, key engine.Key) (func(), error) {
 	s.mu.Lock()
 	if s.locks == nil {
-		s.locks = map[engine.Key]chan struct{}{}
+		s.locks, s.pushed = map[engine.Key]chan struct{}{}, map[engine.Key]int64{}
 	}
 	ch, ok := s.locks[key]
 	if !ok {
