@@ -66,20 +66,25 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 	keepGen := map[int64]bool{}
 	keepLayer := map[string]bool{}
 	volumeIDs := map[string]bool{}
+	volumesOn := false // volumes of this cache exist
 	if hasHead {
 		keepGen[head.Number] = true
 	}
 	for _, v := range vols {
 		volumeIDs[v.ID] = true
-		if v.Cache != k {
-			continue
+		if v.LayersOf() == k {
+			keepGen[v.Generation] = true
+			for _, l := range v.Layers {
+				keepLayer[l] = true
+			}
 		}
-		keepGen[v.Generation] = true
-		for _, l := range v.Layers {
-			keepLayer[l] = true
-		}
-		if v.CommitLayer != "" {
-			keepLayer[v.CommitLayer] = true
+		if v.Cache == k {
+			volumesOn = true
+			for _, l := range []string{v.CommitLayer, v.BaseLayer} {
+				if l != "" {
+					keepLayer[l] = true
+				}
+			}
 		}
 	}
 	layersDir := filepath.Join(s.cacheDir(k), dirLayers) + "/"
@@ -158,7 +163,7 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 	if err := s.removeStaleDigests(k); err != nil {
 		return err
 	}
-	if !hasHead && len(entries) == len(garbage) && len(keepGen) == 0 {
+	if !hasHead && len(entries) == len(garbage) && len(keepGen) == 0 && !volumesOn {
 		// Nothing left of this cache: a commit that never published, or
 		// a cache whose volumes all went away before any commit.
 		if err := s.trash(s.cacheDir(k)); err != nil {

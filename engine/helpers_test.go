@@ -213,11 +213,14 @@ func assertNoOrphans(t testing.TB, s *Store) {
 			keep[head.Number] = true
 		}
 		for _, v := range vols {
-			if v.Cache == k {
+			if v.LayersOf() == k {
 				keep[v.Generation] = true
-				for _, l := range append(slices.Clone(v.Layers), v.CommitLayer) {
+				for _, l := range v.Layers {
 					referenced[l] = true
 				}
+			}
+			if v.Cache == k {
+				referenced[v.CommitLayer], referenced[v.BaseLayer] = true, true
 			}
 		}
 		nums, err := s.generationNumbers(k)

@@ -20,6 +20,14 @@ type Volume struct {
 	// (generation 0 and no layers for a cache with no commit yet).
 	Generation int64    `json:"generation"`
 	Layers     []string `json:"layers"`
+	// From, if set, is the fallback cache the snapshot is of (Cache had
+	// nothing): Generation and Layers are From's. A commit still goes to
+	// Cache, which then gets its own copy of the base (hard links).
+	From *Key `json:"from,omitempty"`
+	// BaseLayer is set while the commit of a volume started from a
+	// fallback is under way: the layer of Cache that holds From's layers
+	// merged.
+	BaseLayer string `json:"baseLayer,omitempty"`
 	// Writable volumes may be committed.
 	Writable bool              `json:"writable"`
 	Created  time.Time         `json:"created"`
@@ -39,22 +47,67 @@ type VolumeOptions struct {
 	// Labels are stored with the volume and copied into the generation
 	// its commit creates (for example the pod that wrote it).
 	Labels map[string]string
+	// From lists fallback caches: when the cache has no generation, the
+	// volume starts from the head of the first of them that has one.
+	// Reading them never writes them: a commit goes to the volume's cache.
+	From []Key
+}
+
+// LayersOf is the cache whose layers the volume's snapshot lists: From
+// for a volume started from a fallback, else Cache.
+func (v *Volume) LayersOf() Key {
+	if v.From != nil {
+		return *v.From
+	}
+	return v.Cache
 }
 
 func (s *Store) upperDir(id string) string { return filepath.Join(s.volumeDir(id), "upper") }
 func (s *Store) workDir(id string) string  { return filepath.Join(s.volumeDir(id), "work") }
 
-// CreateVolume creates volume id on cache k from the cache's current head.
-// Creating a volume that exists on the same cache returns it unchanged.
+// CreateVolume creates volume id on cache k from the cache's current head,
+// or, when k has no generation, from the head of the first cache of
+// opts.From that has one. Creating a volume that exists on the same cache
+// returns it unchanged.
 func (s *Store) CreateVolume(id string, k Key, opts VolumeOptions) (*Volume, error) {
 	if err := ValidateVolumeID(id); err != nil {
 		return nil, err
 	}
-	lock, err := s.lockCache(k)
-	if err != nil {
+	if err := k.Validate(); err != nil {
 		return nil, err
 	}
-	defer lock.unlock()
+	for _, f := range opts.From {
+		if f == k {
+			continue
+		}
+		if err := f.Validate(); err != nil {
+			return nil, fmt.Errorf("fallback cache: %w", err)
+		}
+		if v, err := s.createVolume(id, k, &f, opts); v != nil || err != nil {
+			return v, err
+		}
+	}
+	v, err := s.createVolume(id, k, nil, opts)
+	return v, err
+}
+
+// createVolume creates volume id on k from k's head, or, with from, from
+// from's head if k has none (nil, nil if from has none either). Both caches
+// are locked meanwhile (in a fixed order), so that neither a commit nor GC
+// moves them underneath.
+func (s *Store) createVolume(id string, k Key, from *Key, opts VolumeOptions) (*Volume, error) {
+	keys := []Key{k}
+	if from != nil {
+		keys = append(keys, *from)
+		slices.SortFunc(keys, func(a, b Key) int { return strings.Compare(a.String(), b.String()) })
+	}
+	for _, key := range keys {
+		lock, err := s.lockCache(key)
+		if err != nil {
+			return nil, err
+		}
+		defer lock.unlock()
+	}
 
 	if v, err := s.Volume(id); err == nil {
 		if v.Cache != k {
@@ -69,8 +122,17 @@ func (s *Store) CreateVolume(id string, k Key, opts VolumeOptions) (*Volume, err
 	if err != nil {
 		return nil, err
 	}
+	if from != nil {
+		if len(g.Layers) > 0 {
+			from = nil // k has content of its own meanwhile
+		} else if g, _, err = s.head(*from); err != nil {
+			return nil, err
+		} else if len(g.Layers) == 0 {
+			return nil, nil
+		}
+	}
 	v := &Volume{
-		ID: id, Cache: k, Generation: g.Number, Layers: g.Layers,
+		ID: id, Cache: k, Generation: g.Number, Layers: g.Layers, From: from,
 		Writable: opts.Writable, Created: time.Now().UTC(), Labels: opts.Labels,
 	}
 	if v.Layers == nil {
@@ -98,7 +160,7 @@ func (s *Store) CreateVolume(id string, k Key, opts VolumeOptions) (*Volume, err
 		return nil, err
 	}
 	if v.Generation > 0 {
-		s.touchLastUsed(k)
+		s.touchLastUsed(v.LayersOf())
 	}
 	return v, nil
 }
@@ -247,7 +309,7 @@ func (s *Store) Mount(id, target string) error {
 	}
 	lowers := make([]string, 0, len(v.Layers)+1)
 	for i := len(v.Layers) - 1; i >= 0; i-- {
-		lowers = append(lowers, s.layerPath(v.Cache, v.Layers[i]))
+		lowers = append(lowers, s.layerPath(v.LayersOf(), v.Layers[i]))
 	}
 	if len(lowers) == 0 {
 		lowers = append(lowers, filepath.Join(s.root, dirEmpty))
@@ -432,12 +494,22 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 	}
 	failpoint("commit/layer-durable")
 
+	base := slices.Clone(v.Layers)
+	if v.From != nil && len(base) > 0 {
+		adopted, err := s.adoptBase(v)
+		if err != nil {
+			return CommitResult{}, fmt.Errorf("committing volume %s: copying the base of fallback cache %s: %w", id, *v.From, err)
+		}
+		base = []string{adopted}
+	}
+	failpoint("commit/base-ready")
+
 	head, _, err := s.head(v.Cache)
 	if err != nil {
 		return CommitResult{}, err
 	}
 	g := Generation{
-		Layers:  append(slices.Clone(v.Layers), layer),
+		Layers:  append(base, layer),
 		Created: time.Now().UTC(), Source: "commit", Volume: id, Labels: v.Labels,
 	}
 	if published, err := s.generationWithLayer(v.Cache, layer); err != nil {
@@ -464,6 +536,41 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 	return CommitResult{Committed: true, Generation: g.Number, Layer: layer, ChainLength: len(g.Layers)}, nil
 }
 
+// adoptBase gives v's cache its own copy of the fallback layers v started
+// from, merged into one layer of hard links (as compaction does: one link
+// per file, not a copy of the bytes), and returns its ID. The layer's ID is
+// recorded in the volume first, so that a commit finished after a crash
+// reuses a merge that completed. The caller holds v.Cache's lock; v keeps
+// the fallback's layers from GC until it is removed.
+func (s *Store) adoptBase(v *Volume) (string, error) {
+	if v.BaseLayer == "" {
+		v.BaseLayer = randomID()
+		if err := writeJSONAtomic(s.volumeDir(v.ID), fileVolume, v); err != nil {
+			return "", err
+		}
+	}
+	dst := s.layerPath(v.Cache, v.BaseLayer)
+	if _, err := os.Lstat(dst); err == nil {
+		return v.BaseLayer, nil
+	}
+	t, err := s.newTempDir("adopt")
+	if err != nil {
+		return "", err
+	}
+	defer func() {
+		t.release()
+		s.removeTemp(t.path)
+	}()
+	if err := s.mergeLayers(*v.From, v.Layers, t.path); err != nil {
+		return "", err
+	}
+	failpoint("commit/base-merged")
+	if err := os.Rename(filepath.Join(t.path, "layer"), dst); err != nil {
+		return "", err
+	}
+	return v.BaseLayer, syncDir(filepath.Dir(dst))
+}
+
 // checkCommitSize measures what the generation committing v would hold:
 // v's base layers and its upper dir, files shared between layers counted
 // once.
@@ -476,7 +583,8 @@ func (s *Store) checkCommitSize(v *Volume, maxBytes int64) error {
 	total := newCounter()
 	rels := []string{filepath.Join(dirVolumes, v.ID, "upper")}
 	for _, l := range v.Layers {
-		rels = append(rels, filepath.Join(dirCaches, v.Cache.Namespace, v.Cache.Name, dirLayers, l))
+		base := v.LayersOf()
+		rels = append(rels, filepath.Join(dirCaches, base.Namespace, base.Name, dirLayers, l))
 	}
 	for _, rel := range rels {
 		d, err := root.openBeneath(rel)
