@@ -22,8 +22,11 @@ Usage:
   layercache [--root DIR] [-o table|json] COMMAND [ARGS]
 
 Commands:
-  mount NAMESPACE/NAME TARGET [--write]   mount the cache's last commit at TARGET (a new, empty dir)
-                                          with a private writable layer; --write allows committing it
+  mount NAMESPACE/NAME TARGET [--write] [--from NAMESPACE/NAME,...]
+                                          mount the cache's last commit at TARGET (a new, empty dir)
+                                          with a private writable layer; --write allows committing it;
+                                          --from: if the cache has nothing, start from the first of
+                                          these caches that has a commit (commits still go to NAME)
   umount TARGET [--commit] [--no-compact] unmount; --commit makes what was written the cache's next
                                           generation, otherwise it is discarded
   ls                                      list caches
@@ -102,7 +105,10 @@ func (c *cli) dispatch(args []string) error {
 	}
 	var flagsFor = map[string]*command{
 		"mount": {args: "NAMESPACE/NAME TARGET", nargs: [2]int{2, 2}, run: (*cli).mount,
-			flags: func(fs *flag.FlagSet) { fs.Bool("write", false, "allow committing this volume") }},
+			flags: func(fs *flag.FlagSet) {
+				fs.Bool("write", false, "allow committing this volume")
+				fs.String("from", "", "fallback caches, NAMESPACE/NAME separated by commas")
+			}},
 		"umount": {args: "TARGET", nargs: [2]int{1, 1}, run: (*cli).umount,
 			flags: func(fs *flag.FlagSet) {
 				fs.Bool("commit", false, "commit what was written")

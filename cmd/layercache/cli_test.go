@@ -81,6 +81,55 @@ func TestCLIStory(t *testing.T) {
 	}
 }
 
+// A branch's first mount starts from main's cache; its commit goes to the
+// branch, and main is unchanged.
+func TestCLIFallback(t *testing.T) {
+	requireRoot(t)
+	dir := t.TempDir()
+	root, mnt := filepath.Join(dir, "store"), filepath.Join(dir, "mnt")
+	t.Cleanup(func() { unix.Unmount(mnt, unix.MNT_DETACH) })
+	write := func(name, content string) {
+		t.Helper()
+		if err := os.WriteFile(filepath.Join(mnt, name), []byte(content), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if r := lc(t, root, "mount", "ci/main", mnt, "--write"); r.code != 0 {
+		t.Fatalf("mount main: %+v", r)
+	}
+	write("dep", "from main")
+	if r := lc(t, root, "umount", mnt, "--commit"); r.code != 0 {
+		t.Fatalf("commit main: %+v", r)
+	}
+	r := lc(t, root, "mount", "ci/feature", mnt, "--write", "--from", "ci/none,ci/main")
+	if r.code != 0 || !strings.Contains(r.stdout, "from fallback cache ci/main: generation 1") {
+		t.Fatalf("mount the branch: %+v", r)
+	}
+	if b, err := os.ReadFile(filepath.Join(mnt, "dep")); err != nil || string(b) != "from main" {
+		t.Fatalf("the branch's first mount sees %q, %v", b, err)
+	}
+	write("branch-only", "b")
+	if r := lc(t, root, "umount", mnt, "--commit"); r.code != 0 || !strings.Contains(r.stdout, "generation 1") {
+		t.Fatalf("commit the branch: %+v", r)
+	}
+	for cache, want := range map[string][]string{"ci/feature": {"branch-only", "dep"}, "ci/main": {"dep"}} {
+		if r := lc(t, root, "mount", cache, mnt, "--from", "ci/main"); r.code != 0 || strings.Contains(r.stdout, "fallback") {
+			t.Fatalf("mount %s: %+v", cache, r)
+		}
+		entries, err := os.ReadDir(mnt)
+		var got []string
+		for _, e := range entries {
+			got = append(got, e.Name())
+		}
+		if err != nil || strings.Join(got, ",") != strings.Join(want, ",") {
+			t.Errorf("%s holds %v (%v), want %v", cache, got, err, want)
+		}
+		if r := lc(t, root, "umount", mnt); r.code != 0 {
+			t.Fatalf("umount %s: %+v", cache, r)
+		}
+	}
+}
+
 func TestCLIBadInput(t *testing.T) {
 	requireRoot(t)
 	dir := t.TempDir()
@@ -102,6 +151,7 @@ func TestCLIBadInput(t *testing.T) {
 		{[]string{"frob"}, 2, "unknown command"},
 		{[]string{"ls", "-o", "yaml"}, 2, "want table or json"},
 		{[]string{"mount", "--nope", "ci/x", "/tmp"}, 2, "flag provided but not defined"},
+		{[]string{"mount", "ci/x", filepath.Join(dir, "m"), "--from", "ci/main,main"}, 2, "--from: "},
 	}
 	for _, tt := range tests {
 		r := lc(t, root, tt.args...)

@@ -31,6 +31,16 @@ func (c *cli) mount(args []string) error {
 	if err := checkEmptyDir(target); err != nil {
 		return err
 	}
+	var from []engine.Key
+	if list := c.flags.Lookup("from").Value.String(); list != "" {
+		for _, item := range strings.Split(list, ",") {
+			f, err := parseKey(strings.TrimSpace(item))
+			if err != nil {
+				return usagef("--from: %s", err)
+			}
+			from = append(from, f)
+		}
+	}
 	var b [4]byte
 	if _, err := rand.Read(b[:]); err != nil {
 		return err
@@ -39,6 +49,7 @@ func (c *cli) mount(args []string) error {
 	v, err := c.store.CreateVolume(id, k, engine.VolumeOptions{
 		Writable: c.boolFlag("write"),
 		Labels:   map[string]string{"layercache.io/source": "cli"},
+		From:     from,
 	})
 	if err != nil {
 		return err
@@ -57,11 +68,14 @@ func (c *cli) mount(args []string) error {
 	if v.Writable {
 		mode = "writable cache (umount --commit to keep the writes)"
 	}
-	from := "empty: first use of this cache"
-	if v.Generation > 0 {
-		from = fmt.Sprintf("generation %d, %d layer(s)", v.Generation, len(v.Layers))
+	start := "empty: first use of this cache"
+	switch {
+	case v.From != nil:
+		start = fmt.Sprintf("from fallback cache %s: generation %d, %d layer(s)", v.From, v.Generation, len(v.Layers))
+	case v.Generation > 0:
+		start = fmt.Sprintf("generation %d, %d layer(s)", v.Generation, len(v.Layers))
 	}
-	fmt.Fprintf(c.out, "mounted %s at %s (%s; %s; volume %s)\n", k, target, from, mode, id)
+	fmt.Fprintf(c.out, "mounted %s at %s (%s; %s; volume %s)\n", k, target, start, mode, id)
 	return nil
 }
 
