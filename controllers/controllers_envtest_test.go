@@ -194,6 +194,37 @@ func TestManagerReconcilers(t *testing.T) {
 		}
 	})
 
+	t.Run("fallback caches reach the PV", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace("fallback")
+		pod := buildPod(ns, "branch", "feature-x", "read", "default")
+		claims := []v1alpha1.Claim{{Cache: "feature-x", ClaimName: "branch-feature-x-x1", Volume: "cache", Trust: "read",
+			Size: "1Gi", StorageClass: "layercache", MountPath: "/cache", RestoreFrom: []string{"main", "release"}}}
+		data, _ := json.Marshal(claims)
+		pod.Annotations[v1alpha1.AnnotationClaims] = string(data)
+		s.create(pod)
+		pvc := s.pvc(ns, "branch-feature-x-x1")
+		if got := pvc.Annotations[v1alpha1.AnnotationRestoreFrom]; got != "main,release" {
+			t.Fatalf("claim annotations = %v, want %s=main,release", pvc.Annotations, v1alpha1.AnnotationRestoreFrom)
+		}
+		pv := s.schedule(pvc)
+		if got := pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrRestoreFrom]; got != "main,release" {
+			t.Errorf("PV attributes = %v, want %s=main,release", pv.Spec.CSI.VolumeAttributes, v1alpha1.AttrRestoreFrom)
+		}
+
+		// A pod that names its own cache as a fallback gets no claim.
+		bad := buildPod(ns, "loop", "feature-y", "read", "default")
+		claims[0].Cache, claims[0].ClaimName, claims[0].RestoreFrom = "feature-y", "loop-feature-y-x1", []string{"feature-y"}
+		bad.Spec.Volumes[0].PersistentVolumeClaim.ClaimName = claims[0].ClaimName
+		data, _ = json.Marshal(claims)
+		bad.Annotations[v1alpha1.AnnotationClaims] = string(data)
+		bad.Labels[v1alpha1.LabelCache] = "feature-y"
+		s.create(bad)
+		s.eventually("a BadClaims event", func() bool {
+			return strings.Contains(s.events(ns, "loop"), `fallback cache "feature-y" must be a DNS-1123 label other than the claim's cache`)
+		})
+	})
+
 	t.Run("a writer without RBAC gets a read-only volume and an event", func(t *testing.T) {
 		s.t = t
 		ns := s.namespace("untrusted")

@@ -69,6 +69,11 @@ func (o Options) checkClaims(pod *corev1.Pod, claims []v1alpha1.Claim) error {
 		case !podReferences(pod, c):
 			return fmt.Errorf("claim %s: the pod has no volume %q that references it", c.ClaimName, c.Volume)
 		}
+		for _, f := range c.RestoreFrom {
+			if len(validation.IsDNS1123Label(f)) > 0 || f == c.Cache {
+				return fmt.Errorf("claim %s: fallback cache %q must be a DNS-1123 label other than the claim's cache", c.ClaimName, f)
+			}
+		}
 		names[c.ClaimName] = true
 	}
 	return nil

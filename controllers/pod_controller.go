@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -210,11 +211,15 @@ func newClaim(pod *corev1.Pod, c v1alpha1.Claim) (*corev1.PersistentVolumeClaim,
 		return nil, fmt.Errorf("size %q: %w", c.Size, err)
 	}
 	class := c.StorageClass
+	ann := map[string]string{v1alpha1.LabelTrust: c.Trust}
+	if len(c.RestoreFrom) > 0 {
+		ann[v1alpha1.AnnotationRestoreFrom] = strings.Join(c.RestoreFrom, ",")
+	}
 	return &corev1.PersistentVolumeClaim{
 		ObjectMeta: metav1.ObjectMeta{
 			Name: c.ClaimName, Namespace: pod.Namespace,
 			Labels:      map[string]string{v1alpha1.LabelCache: c.Cache},
-			Annotations: map[string]string{v1alpha1.LabelTrust: c.Trust},
+			Annotations: ann,
 		},
 		Spec: corev1.PersistentVolumeClaimSpec{
 			StorageClassName: &class,

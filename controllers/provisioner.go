@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"strconv"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
@@ -87,14 +88,29 @@ func (r *Provisioner) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 	return ctrl.Result{}, nil
 }
 
+// checkRestoreFrom checks a claim's fallback caches: DNS-1123 labels,
+// other than its own cache.
+func checkRestoreFrom(list, cache string) error {
+	for _, f := range strings.Split(list, ",") {
+		if len(validation.IsDNS1123Label(f)) > 0 || f == cache {
+			return fmt.Errorf("fallback cache %q must be a DNS-1123 label other than the claim's cache", f)
+		}
+	}
+	return nil
+}
+
 func describe(attrs map[string]string) string {
 	if attrs[v1alpha1.AttrKind] == v1alpha1.KindHostDir {
 		return "host directory"
 	}
-	if attrs[v1alpha1.AttrWrite] == "true" {
-		return "cache " + attrs[v1alpha1.AttrCache] + ", commits allowed"
+	what := "cache " + attrs[v1alpha1.AttrCache]
+	if from := attrs[v1alpha1.AttrRestoreFrom]; from != "" {
+		what += ", falling back to " + from
 	}
-	return "cache " + attrs[v1alpha1.AttrCache] + ", read-only"
+	if attrs[v1alpha1.AttrWrite] == "true" {
+		return what + ", commits allowed"
+	}
+	return what + ", read-only"
 }
 
 func (r *Provisioner) newPV(ctx context.Context, pvc *corev1.PersistentVolumeClaim, class *storagev1.StorageClass, nodeName string) (*corev1.PersistentVolume, error) {
@@ -113,6 +129,13 @@ func (r *Provisioner) newPV(ctx context.Context, pvc *corev1.PersistentVolumeCla
 			return nil, reconcile.TerminalError(fmt.Errorf("invalid cache name %q", cache))
 		}
 		attrs[v1alpha1.AttrCache] = cache
+		if from, ok := pvc.Annotations[v1alpha1.AnnotationRestoreFrom]; ok {
+			if err := checkRestoreFrom(from, cache); err != nil {
+				r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonInvalidCache, "Annotation %s=%q: %s: no volume is provisioned", v1alpha1.AnnotationRestoreFrom, from, err)
+				return nil, reconcile.TerminalError(err)
+			}
+			attrs[v1alpha1.AttrRestoreFrom] = from
+		}
 		d, err := decideWrite(ctx, r.Client, pvc, cache)
 		if err != nil {
 			return nil, err

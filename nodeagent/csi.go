@@ -8,7 +8,9 @@ package nodeagent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -112,10 +114,14 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 		if write && (owner == "" || pod == "" || owner != pod) {
 			return nil, status.Errorf(codes.PermissionDenied, "volume %s may be committed and belongs to pod %q, not %q", id, owner, pod)
 		}
-		if _, err := d.Store.Volume(id); errors.Is(err, engine.ErrNotFound) {
-			d.Sync.BeforeVolume(ctx, key) // bounded; never fails the volume
+		from, err := fallbacks(key.Namespace, attrs[v1alpha1.AttrRestoreFrom])
+		if err != nil {
+			return nil, status.Error(codes.InvalidArgument, err.Error())
 		}
-		v, err := d.Store.CreateVolume(id, key, engine.VolumeOptions{Writable: write, Labels: map[string]string{
+		if _, err := d.Store.Volume(id); errors.Is(err, engine.ErrNotFound) {
+			d.beforeVolume(ctx, key, from)
+		}
+		v, err := d.Store.CreateVolume(id, key, engine.VolumeOptions{Writable: write, From: from, Labels: map[string]string{
 			LabelPod: attrs[podNamespaceKey] + "/" + attrs[podNameKey], v1alpha1.AttrPodUID: pod,
 		}})
 		if errors.Is(err, engine.ErrConflict) {
@@ -128,11 +134,17 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 			return nil, status.Error(codes.Internal, err.Error())
 		}
 		start := "cold"
-		if v.Generation > 0 {
+		switch {
+		case v.From != nil:
+			start = "fallback"
+		case v.Generation > 0:
 			start = "warm"
 		}
 		volumeStarts.WithLabelValues(start).Inc()
 		log = log.WithValues("cache", cacheRef(key), "generation", v.Generation, "layers", len(v.Layers), "write", write)
+		if v.From != nil {
+			log = log.WithValues("fallback", cacheRef(*v.From))
+		}
 	default:
 		return nil, status.Errorf(codes.InvalidArgument, "unknown volume kind %q", attrs[v1alpha1.AttrKind])
 	}
@@ -144,6 +156,40 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	volumeSetupSeconds.Observe(time.Since(start).Seconds())
 	log.Info("Published volume", "seconds", time.Since(start).Seconds())
 	return &csi.NodePublishVolumeResponse{}, nil
+}
+
+// fallbacks reads a volume's fallback caches ("NAME,NAME", in the
+// volume's namespace).
+func fallbacks(namespace, list string) ([]engine.Key, error) {
+	if list == "" {
+		return nil, nil
+	}
+	var keys []engine.Key
+	for _, name := range strings.Split(list, ",") {
+		k := engine.Key{Namespace: namespace, Name: name}
+		if err := k.Validate(); err != nil {
+			return nil, fmt.Errorf("volume attribute %s: %w", v1alpha1.AttrRestoreFrom, err)
+		}
+		keys = append(keys, k)
+	}
+	return keys, nil
+}
+
+// beforeVolume brings the cache's newest image down if the node is behind
+// (bounded; it never fails the volume). If the node still has nothing of
+// the cache, it does the same for the fallbacks in order, up to the first
+// one that the node has: the volume starts from that one.
+func (d *Driver) beforeVolume(ctx context.Context, key engine.Key, from []engine.Key) {
+	d.Sync.BeforeVolume(ctx, key)
+	for _, k := range append([]engine.Key{key}, from...) {
+		if k != key {
+			d.Sync.BeforeVolume(ctx, k)
+		}
+		info, err := d.Store.Inspect(k)
+		if err == nil && info.Head != nil && len(info.Head.Layers) > 0 {
+			return
+		}
+	}
 }
 
 // NodeUnpublishVolume unmounts the target and removes it. Idempotent. The

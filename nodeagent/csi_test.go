@@ -97,6 +97,42 @@ func TestCSINodeService(t *testing.T) {
 	}
 }
 
+// A volume whose cache has nothing on the node starts from its first
+// fallback with content; the volume says so.
+func TestCSIFallback(t *testing.T) {
+	store, dir := newStore(t)
+	_, node := serveCSI(t, &Driver{Store: store, NodeName: "node-a"}, dir)
+	ctx := context.Background()
+	main := engine.Key{Namespace: "ci", Name: "main"}
+	if _, err := store.CreateVolume("seed", main, engine.VolumeOptions{Writable: true}); err != nil {
+		t.Fatal(err)
+	}
+	seed := filepath.Join(dir, "seed")
+	if err := store.Mount("seed", seed); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(seed, "dep.jar"), []byte("main's"), 0o644)
+	store.Unmount("seed")
+	if _, err := store.Commit("seed"); err != nil {
+		t.Fatal(err)
+	}
+	vc := cacheContext(true, "uid-1", "uid-1")
+	vc[v1alpha1.AttrRestoreFrom] = "release,main"
+	target := filepath.Join(dir, "pods", "uid-1", "volumes", "mount")
+	if _, err := node.NodePublishVolume(ctx, &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target,
+		VolumeCapability: mountCapability(), VolumeContext: vc}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target}) })
+	if b, err := os.ReadFile(filepath.Join(target, "dep.jar")); err != nil || string(b) != "main's" {
+		t.Fatalf("the branch's volume does not show main's cache: %q, %v", b, err)
+	}
+	v, err := store.Volume("pvc-1")
+	if err != nil || v.Cache.Name != "example-project" || v.From == nil || *v.From != main {
+		t.Fatalf("engine volume = %+v, %v; want cache example-project started from ci/main", v, err)
+	}
+}
+
 func TestCSIHostDirAndReadOnly(t *testing.T) {
 	store, dir := newStore(t)
 	_, node := serveCSI(t, &Driver{Store: store, NodeName: "node-a"}, dir)
@@ -138,6 +174,8 @@ func TestCSIRejects(t *testing.T) {
 	target := filepath.Join(dir, "t")
 	bad := cacheContext(false, "", "")
 	bad[v1alpha1.AttrCache] = "../etc"
+	badFallback := cacheContext(false, "", "")
+	badFallback[v1alpha1.AttrRestoreFrom] = "main,../etc"
 	tests := []struct {
 		name string
 		req  *csi.NodePublishVolumeRequest
@@ -148,6 +186,7 @@ func TestCSIRejects(t *testing.T) {
 		{"block volume", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: &csi.VolumeCapability{
 			AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}}}, codes.InvalidArgument},
 		{"bad cache name", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(), VolumeContext: bad}, codes.InvalidArgument},
+		{"bad fallback cache", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(), VolumeContext: badFallback}, codes.InvalidArgument},
 		{"writer mounted by another pod", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(),
 			VolumeContext: cacheContext(true, "owner-uid", "intruder-uid")}, codes.PermissionDenied},
 		// Fail closed: without both UIDs nobody can tell whose it is.

@@ -16,7 +16,7 @@ var (
 	})
 	volumeStarts = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "layercache_volume_starts_total",
-		Help: "Cache volumes published, warm (the cache had content) or cold.",
+		Help: "Cache volumes published: warm (the cache had content), fallback (started from a restore-from cache) or cold.",
 	}, []string{"start"})
 	commitSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{
 		Name:    "layercache_commit_seconds",

@@ -98,6 +98,16 @@ func (m *PodMutator) Handle(ctx context.Context, req admission.Request) admissio
 	for i, r := range p.requests {
 		caches[i] = m.lookup(ctx, pod.Namespace, r.cache)
 	}
+	// A cache that no node holds yet starts from its first fallback that
+	// one does: prefer that one's nodes.
+	if c := caches[0]; c == nil || len(c.Status.Nodes) == 0 {
+		for _, name := range p.restoreFrom {
+			if f := m.lookup(ctx, pod.Namespace, name); f != nil && len(f.Status.Nodes) > 0 {
+				caches = append(caches, f)
+				break
+			}
+		}
+	}
 	suffix := m.suffix
 	if suffix == nil {
 		suffix = randomSuffix

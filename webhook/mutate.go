@@ -20,13 +20,16 @@ const maxAffinityNodes = 10
 // apply mutates pod as p says: every requested cache becomes a volume that
 // references a generated claim, mounted where asked; the claims are
 // recorded in one annotation; nodes holding the caches are preferred.
-// caches[i] is the Cache of p.requests[i], or nil.
+// caches are the Caches whose nodes to prefer (nil entries are skipped).
 func apply(pod *corev1.Pod, p *plan, caches []*v1alpha1.Cache, opts Options, suffix func() string) error {
 	var claims []v1alpha1.Claim
 	for _, r := range p.requests {
 		claim := v1alpha1.Claim{
 			Cache: r.cache, ClaimName: claimName(pod, r.cache, suffix()), Volume: r.volume,
 			Trust: p.trust, Size: p.size.String(), StorageClass: opts.StorageClass, MountPath: r.mountPath,
+		}
+		if r.cache == p.requests[0].cache {
+			claim.RestoreFrom = p.restoreFrom
 		}
 		source := corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: claim.ClaimName}}
 		if r.replace != "" {

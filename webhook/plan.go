@@ -3,6 +3,7 @@ package webhook
 import (
 	"fmt"
 	"path"
+	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -38,8 +39,14 @@ type plan struct {
 	trust    string
 	size     resource.Quantity
 	requests []request
-	warnings []string
+	// restoreFrom are the fallback caches of the pod's own cache (the
+	// first request).
+	restoreFrom []string
+	warnings    []string
 }
+
+// maxRestoreFrom bounds the fallback caches a pod may list.
+const maxRestoreFrom = 10
 
 // fieldError names the label or annotation at fault and the rule it breaks.
 type fieldError struct {
@@ -93,13 +100,29 @@ func makePlan(pod *corev1.Pod, opts Options) (*plan, error) {
 	}
 	primary := request{cache: name}
 	replace, explicit := ann[v1alpha1.AnnotationVolume]
+	at, byPath := ann[v1alpha1.AnnotationVolumeAt]
 	switch {
+	case explicit && byPath:
+		return nil, annotationError(v1alpha1.AnnotationVolumeAt, at, fmt.Sprintf("must not be set together with annotation %s: name the volume or where it is mounted, not both", v1alpha1.AnnotationVolume))
 	case explicit && !volumes[replace]:
 		return nil, annotationError(v1alpha1.AnnotationVolume, replace, "names no volume of the pod")
 	case explicit:
 		primary.replace = replace
+	case byPath:
+		v, err := volumeMountedAt(pod, at)
+		if err != nil {
+			return nil, err
+		}
+		primary.replace = v
 	case volumes[v1alpha1.DefaultVolumeName]:
 		primary.replace = v1alpha1.DefaultVolumeName
+	}
+	if list, ok := ann[v1alpha1.AnnotationRestoreFrom]; ok {
+		from, err := parseRestoreFrom(list, name)
+		if err != nil {
+			return nil, err
+		}
+		p.restoreFrom = from
 	}
 	mountPath, hasPath := ann[v1alpha1.AnnotationMountPath]
 	if hasPath {
@@ -178,6 +201,61 @@ func checkMountPath(key, p string) error {
 		return annotationError(key, p, "must not contain ',', '=' or NUL")
 	}
 	return nil
+}
+
+// volumeMountedAt returns the one volume that the pod's containers mount
+// at path.
+func volumeMountedAt(pod *corev1.Pod, at string) (string, error) {
+	if err := checkMountPath(v1alpha1.AnnotationVolumeAt, at); err != nil {
+		return "", err
+	}
+	found := ""
+	for _, c := range allContainers(pod) {
+		for _, m := range c.VolumeMounts {
+			if path.Clean(m.MountPath) != at {
+				continue
+			}
+			if found != "" && found != m.Name {
+				return "", annotationError(v1alpha1.AnnotationVolumeAt, at, fmt.Sprintf("volumes %q and %q are both mounted there", found, m.Name))
+			}
+			found = m.Name
+		}
+	}
+	if found == "" {
+		return "", annotationError(v1alpha1.AnnotationVolumeAt, at, "no container of the pod mounts a volume there")
+	}
+	for _, v := range pod.Spec.Volumes {
+		if v.Name == found {
+			return found, nil
+		}
+	}
+	return "", annotationError(v1alpha1.AnnotationVolumeAt, at, fmt.Sprintf("volume %q mounted there is not a volume of the pod", found))
+}
+
+// parseRestoreFrom reads "NAME[,NAME...]": caches of the pod's namespace,
+// not the pod's own cache, each once.
+func parseRestoreFrom(s, own string) ([]string, error) {
+	bad := func(rule string) error { return annotationError(v1alpha1.AnnotationRestoreFrom, s, rule) }
+	if strings.TrimSpace(s) == "" {
+		return nil, bad("must list cache names separated by commas")
+	}
+	var out []string
+	for _, item := range strings.Split(s, ",") {
+		name := strings.TrimSpace(item)
+		switch {
+		case len(validation.IsDNS1123Label(name)) > 0:
+			return nil, bad(fmt.Sprintf("cache name %q %s", name, dns1123Rule))
+		case name == own:
+			return nil, bad(fmt.Sprintf("names the pod's own cache %q", own))
+		case slices.Contains(out, name):
+			return nil, bad(fmt.Sprintf("names cache %q twice", name))
+		}
+		out = append(out, name)
+	}
+	if len(out) > maxRestoreFrom {
+		return nil, bad(fmt.Sprintf("lists %d caches, at most %d are allowed", len(out), maxRestoreFrom))
+	}
+	return out, nil
 }
 
 // parseCaches reads "NAME=/path,NAME=/path".

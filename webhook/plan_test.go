@@ -7,6 +7,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
@@ -60,6 +61,22 @@ func TestMakePlanRejects(t *testing.T) {
 		{"caches duplicate", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: "x=/other"}, nil, `names cache "x" twice`},
 		{"caches same path", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: "y=/cache"}, nil, `caches "x" and "y" are both mounted at /cache`},
 		{"caches empty", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: " "}, nil, `must list NAME=/mount/path pairs`},
+		{"volume-at nothing there", cacheLabel("x"), map[string]string{v1alpha1.AnnotationVolumeAt: "/workspace/src"}, nil,
+			`annotation layercache.io/volume-at="/workspace/src": no container of the pod mounts a volume there`},
+		{"volume-at relative", cacheLabel("x"), map[string]string{v1alpha1.AnnotationVolumeAt: "workspace/src"}, nil, `must be an absolute path`},
+		{"volume-at and volume", cacheLabel("x"), map[string]string{v1alpha1.AnnotationVolumeAt: "/workspace/src", v1alpha1.AnnotationVolume: "ws"}, nil,
+			`must not be set together with annotation layercache.io/volume`},
+		{"volume-at two volumes", cacheLabel("x"), map[string]string{v1alpha1.AnnotationVolumeAt: "/workspace/src"}, func(p *corev1.Pod) {
+			p.Spec.Volumes = []corev1.Volume{{Name: "ws-a"}, {Name: "ws-b"}}
+			p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "ws-a", MountPath: "/workspace/src"}}
+			p.Spec.Containers[1].VolumeMounts = []corev1.VolumeMount{{Name: "ws-b", MountPath: "/workspace/src/"}}
+		}, `volumes "ws-a" and "ws-b" are both mounted there`},
+		{"restore-from empty", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: ""}, nil,
+			`annotation layercache.io/restore-from="": must list cache names`},
+		{"restore-from bad name", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "main,Main"}, nil, `cache name "Main" must be a DNS-1123 label`},
+		{"restore-from own cache", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "main, x"}, nil, `names the pod's own cache "x"`},
+		{"restore-from twice", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "main,main"}, nil, `names cache "main" twice`},
+		{"restore-from too many", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "a,b,c,d,e,f,g,h,i,j,k"}, nil, `lists 11 caches, at most 10`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -110,7 +127,7 @@ func TestMutationAddsVolumeAndMounts(t *testing.T) {
 	claims := claimsOf(t, pod)
 	want := v1alpha1.Claim{Cache: "example-project", ClaimName: "build-example-project-abcde", Volume: "cache",
 		Trust: "write", Size: "2Gi", StorageClass: "layercache", MountPath: "/root/.m2"}
-	if len(claims) != 1 || claims[0] != want {
+	if len(claims) != 1 || !equality.Semantic.DeepEqual(claims[0], want) {
 		t.Fatalf("claims = %+v, want %+v", claims, want)
 	}
 	v := pod.Spec.Volumes[len(pod.Spec.Volumes)-1]
@@ -142,6 +159,7 @@ func TestMutationReplacesPlaceholderVolume(t *testing.T) {
 	}{
 		{"cache", nil},
 		{"ws-deps", map[string]string{v1alpha1.AnnotationVolume: "ws-deps"}},
+		{"ws-x7k2p", map[string]string{v1alpha1.AnnotationVolumeAt: "/workspace/cache"}},
 	} {
 		pod, _ := mutated(t, testPod(cacheLabel("deps"), tt.ann, placeholder(tt.volume)))
 		if len(pod.Spec.Volumes) != 1 || pod.Spec.Volumes[0].Name != tt.volume || pod.Spec.Volumes[0].EmptyDir != nil ||
@@ -158,6 +176,18 @@ func TestMutationReplacesPlaceholderVolume(t *testing.T) {
 		if c := claimsOf(t, pod)[0]; c.MountPath != "" || c.Volume != tt.volume {
 			t.Errorf("%s: claim = %+v", tt.volume, c)
 		}
+	}
+}
+
+// Fallback caches are recorded on the pod's own cache's claim only.
+func TestMutationRestoreFrom(t *testing.T) {
+	pod, _ := mutated(t, testPod(cacheLabel("feature-x"), map[string]string{
+		v1alpha1.AnnotationRestoreFrom: "main, release",
+		v1alpha1.AnnotationCaches:      "gomod=/go/pkg/mod",
+	}))
+	claims := claimsOf(t, pod)
+	if len(claims) != 2 || strings.Join(claims[0].RestoreFrom, ",") != "main,release" || claims[1].RestoreFrom != nil {
+		t.Fatalf("claims = %+v, want main,release on the first claim only", claims)
 	}
 }
 

@@ -44,7 +44,8 @@ func admitted(t *testing.T, m *PodMutator, pod *corev1.Pod) *corev1.Pod {
 }
 
 func withExtraCaches(p *corev1.Pod) *corev1.Pod {
-	p.Annotations = map[string]string{v1alpha1.AnnotationCaches: "npm=/root/.npm,go=/go/pkg", v1alpha1.AnnotationSize: "2Gi"}
+	p.Annotations = map[string]string{v1alpha1.AnnotationCaches: "npm=/root/.npm,go=/go/pkg", v1alpha1.AnnotationSize: "2Gi",
+		v1alpha1.AnnotationRestoreFrom: "main"}
 	p.Labels[v1alpha1.LabelTrust] = "write"
 	p.Spec.Volumes = append(p.Spec.Volumes, corev1.Volume{Name: "cache", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}})
 	p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "cache", MountPath: "/m2"}}
@@ -70,6 +71,18 @@ func TestReinvocationPasses(t *testing.T) {
 	resp := m.Handle(context.Background(), admissionRequest(t, first))
 	if !resp.Allowed || len(resp.Patches) != 0 {
 		t.Fatalf("reinvocation: allowed=%v patches=%v result=%v", resp.Allowed, resp.Patches, resp.Result)
+	}
+
+	// A volume picked by where it is mounted (a Tekton workspace).
+	ws := admitted(t, m, testPod(cacheLabel("gocache"), map[string]string{v1alpha1.AnnotationVolumeAt: "/workspace/cache"}, func(p *corev1.Pod) {
+		p.Spec.Volumes = []corev1.Volume{{Name: "ws-k2x9q", VolumeSource: corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}}}
+		p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "ws-k2x9q", MountPath: "/workspace/cache"}}
+	}))
+	if c := claimsOf(t, ws); len(c) != 1 || c[0].Volume != "ws-k2x9q" || ws.Spec.Volumes[0].PersistentVolumeClaim == nil {
+		t.Fatalf("volume-at: claims %+v, volumes %+v", c, ws.Spec.Volumes)
+	}
+	if resp := m.Handle(context.Background(), admissionRequest(t, ws)); !resp.Allowed || len(resp.Patches) != 0 {
+		t.Fatalf("volume-at reinvocation: allowed=%v patches=%v result=%v", resp.Allowed, resp.Patches, resp.Result)
 	}
 }
 
@@ -105,6 +118,7 @@ func TestForgedClaimsAreDenied(t *testing.T) {
 		{"one claim too many", forge(func(p *corev1.Pod, c []v1alpha1.Claim) {
 			p.Annotations[v1alpha1.AnnotationCaches] = "npm=/root/.npm"
 		}), "lists 3 claims"},
+		{"fallbacks the annotations do not ask for", forge(func(_ *corev1.Pod, c []v1alpha1.Claim) { c[0].RestoreFrom = []string{"secrets"} }), "claim 1 is"},
 		{"not JSON", func() *corev1.Pod {
 			p := good.DeepCopy()
 			p.Annotations[v1alpha1.AnnotationClaims] = "[{"

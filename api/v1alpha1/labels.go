@@ -26,6 +26,15 @@ const (
 	AnnotationCaches = "layercache.io/caches"
 	// AnnotationCommitOnFailure, "true", commits a failed pod's writes too.
 	AnnotationCommitOnFailure = "layercache.io/commit-on-failure"
+	// AnnotationRestoreFrom lists fallback caches of the same namespace,
+	// "NAME[,NAME...]": when the pod's cache has nothing on the node (and
+	// nothing to pull), its volume starts from the first of them that
+	// has content. Commits still go to the pod's own cache only.
+	AnnotationRestoreFrom = "layercache.io/restore-from"
+	// AnnotationVolumeAt picks the pod volume to replace by where the
+	// pod's containers mount it (for volumes whose name is generated, as
+	// Tekton's workspaces are: "/workspace/NAME").
+	AnnotationVolumeAt = "layercache.io/volume-at"
 
 	// AnnotationClaims is written by the webhook: the JSON list of the
 	// claims (PVCs) the pod references, which the manager creates.
@@ -65,6 +74,8 @@ type Claim struct {
 	// MountPath is where the webhook mounted the volume; empty when it
 	// replaced a volume the pod mounts itself.
 	MountPath string `json:"mountPath,omitempty"`
+	// RestoreFrom lists the fallback caches (AnnotationRestoreFrom).
+	RestoreFrom []string `json:"restoreFrom,omitempty"`
 }
 
 // Names shared by the manager (which provisions) and the node agent (which
@@ -87,6 +98,9 @@ const (
 	AttrCache     = "layercache.io/cache"
 	AttrWrite     = "layercache.io/write"
 	AttrPodUID    = "layercache.io/pod-uid"
+	// AttrRestoreFrom lists the volume's fallback caches, separated by
+	// commas (from the PVC's AnnotationRestoreFrom).
+	AttrRestoreFrom = "layercache.io/restore-from"
 
 	// LabelNode on a PV or a NodeCache is NodeLabelValue of the node that
 	// holds it, so that a node agent watches only its own.
