@@ -123,7 +123,9 @@ func TestCSIFallback(t *testing.T) {
 		VolumeCapability: mountCapability(), VolumeContext: vc}); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target}) })
+	t.Cleanup(func() {
+		node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target})
+	})
 	if b, err := os.ReadFile(filepath.Join(target, "dep.jar")); err != nil || string(b) != "main's" {
 		t.Fatalf("the branch's volume does not show main's cache: %q, %v", b, err)
 	}
