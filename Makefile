@@ -49,6 +49,7 @@ manifests: $(CONTROLLER_GEN) ## Generate the CRDs and the ClusterRoles of the ma
 	$(CONTROLLER_GEN) rbac:roleName=layercache-manager-role crd paths="./api/..." paths="./webhook/..." paths="./controllers/..." \
 		output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=layercache-node-agent-role paths="./nodeagent/..." output:rbac:artifacts:config=config/node-agent
+	cp config/crd/bases/*.yaml dist/chart/crds/
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) ## Generate the DeepCopy methods of the API types.
@@ -56,9 +57,9 @@ generate: $(CONTROLLER_GEN) ## Generate the DeepCopy methods of the API types.
 
 .PHONY: check-generated
 check-generated: $(CONTROLLER_GEN) ## Fail if the generated files are not what the sources generate.
-	@before=$$(mktemp -d); trap 'rm -rf "$$before"' EXIT; cp -a api config "$$before"/; \
+	@before=$$(mktemp -d); trap 'rm -rf "$$before"' EXIT; cp -a api config dist "$$before"/; \
 	$(MAKE) -s generate manifests; \
-	if ! diff -r "$$before/api" api || ! diff -r "$$before/config" config; then \
+	if ! diff -r "$$before/api" api || ! diff -r "$$before/config" config || ! diff -r "$$before/dist" dist; then \
 		echo "generated files were out of date (now regenerated): review and commit them"; exit 1; fi
 
 .PHONY: fmt
@@ -77,7 +78,7 @@ lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 	$(STATICCHECK) -tags e2e ./...
 
 .PHONY: test
-test: lint check-generated envtest-assets registry-bin test-e2e ## Run every test (as root: overlays, a real cluster, a real registry).
+test: lint check-generated envtest-assets registry-bin helm-bin chart-lint test-e2e ## Run every test (as root: overlays, a real cluster, a real registry).
 	@rc=0; KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./... || rc=$$?; \
 	hack/reap-envtest.sh; exit $$rc
 
@@ -96,6 +97,15 @@ bench-e2e: ## On the local cluster: pod start and read of a warm cache (vs copy,
 .PHONY: registry-bin
 registry-bin: ## Build CNCF Distribution's registry into bin/registry (for the registry tests and the local cluster).
 	hack/registry/build.sh $(BIN)
+
+.PHONY: helm-bin
+helm-bin: ## Build Helm (hack/helm, pinned) into bin/helm.
+	hack/helm/build.sh $(BIN)
+
+.PHONY: chart-lint
+chart-lint: helm-bin ## helm lint the chart in dist/chart (go test ./internal/chart checks it renders what config/ does).
+	$(BIN)/helm lint --strict dist/chart
+	$(BIN)/helm lint --strict dist/chart --set certificates.mode=builtin
 
 .PHONY: fuzz
 fuzz: ## Fuzz the name parsers and the layer importer for a while (FUZZTIME=1m each).
