@@ -14,8 +14,5 @@ kubectl_ -n layercache-system rollout restart deployment/layercache-controller-m
 kubectl_ -n layercache-system rollout status deployment/layercache-controller-manager --timeout=180s >/dev/null
 kubectl_ -n layercache-system rollout status daemonset/layercache-node-agent --timeout=180s >/dev/null
 kubectl_ -n layercache-system rollout status deployment/layercache-registry --timeout=180s >/dev/null
-# The webhook answers once its certificate is in place: a server-side dry
-# run of a labelled pod goes through it.
-probe='{"apiVersion":"v1","kind":"Pod","metadata":{"name":"probe","labels":{"layercache.io/cache":"probe"}},"spec":{"containers":[{"name":"c","image":"localhost/busybox:dev"}]}}'
-wait_for "the webhook to answer" 120 sh -c "echo '$probe' | '$K8S_BIN/kubectl' --kubeconfig '$KUBECONFIG_PATH' -n default create --dry-run=server -f - -o jsonpath='{.metadata.annotations}' | grep -q layercache.io/claims"
+wait_webhook
 log "layercache is running: manager, node agent, webhook and registry ready"

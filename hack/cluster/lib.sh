@@ -63,6 +63,13 @@ node_ip() {
 
 kubectl_() { "$K8S_BIN/kubectl" --kubeconfig "$KUBECONFIG_PATH" "$@"; }
 
+# wait_webhook: layercache's webhook answers once its certificate is in
+# place: a server-side dry run of a labelled pod goes through it.
+wait_webhook() {
+  local probe='{"apiVersion":"v1","kind":"Pod","metadata":{"name":"probe","labels":{"layercache.io/cache":"probe"}},"spec":{"containers":[{"name":"c","image":"localhost/busybox:dev"}]}}'
+  wait_for "the webhook to answer" 120 sh -c "echo '$probe' | '$K8S_BIN/kubectl' --kubeconfig '$KUBECONFIG_PATH' -n default create --dry-run=server -f - -o jsonpath='{.metadata.annotations}' | grep -q layercache.io/claims"
+}
+
 ctr_() { ctr --address "$CONTAINERD_SOCK" -n k8s.io "$@"; }
 
 # wait_for DESCRIPTION SECONDS COMMAND...: retry COMMAND once a second.
