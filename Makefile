@@ -67,20 +67,24 @@ fmt: ## Format the Go code.
 	$(GO) fmt ./...
 
 .PHONY: vet
-vet: ## Run go vet (the e2e suite included).
-	$(GO) vet -tags e2e ./...
+vet: ## Run go vet (the e2e suites included).
+	$(GO) vet -tags e2e,extended ./...
 
 .PHONY: lint
 lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 	@unformatted=$$(gofmt -l $$( { git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*'; } | \
 		while read -r f; do [ -f "$$f" ] && echo "$$f"; done)); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed on: $$unformatted"; exit 1; fi
-	$(STATICCHECK) -tags e2e ./...
+	$(STATICCHECK) -tags e2e,extended ./...
 
 .PHONY: test
 test: lint check-generated envtest-assets registry-bin helm-bin chart-lint test-e2e ## Run every test (as root: overlays, a real cluster, a real registry).
 	@rc=0; KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./... || rc=$$?; \
 	hack/reap-envtest.sh; exit $$rc
+
+.PHONY: test-extended
+test-extended: ## The extended e2e tests: a real Tekton pipeline with a cached workspace (root; CI runs it after make test).
+	hack/test-extended.sh
 
 .PHONY: test-e2e
 test-e2e: ## On a real local 3-node cluster: smoke test, install, the e2e suite, teardown checked clean (root).

@@ -7,15 +7,22 @@
 #                                     Debian's CA certificates (HTTPS registries)
 #   localhost/registry:dev            CNCF Distribution (hack/registry) on
 #                                     busybox, the local cluster's registry
-# With `golang`, only bin/bench/golang.tar (for make bench-e2e):
+# With `golang`, only bin/bench/golang.tar (for make bench-e2e and the
+# Tekton e2e):
 #   localhost/golang:dev              busybox plus this machine's Go toolchain
+# With `tekton`, bin/tekton/NAME.tar (for make test-extended):
+#   localhost/tekton/NAME:dev         Tekton Pipelines' controller, webhook,
+#                                     entrypoint, nop, workingdirinit and
+#                                     sidecarlogresults (hack/tekton), at
+#                                     /ko-app/NAME as Tekton expects
 # Reproducible: the same sources give the same digests (printed).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
 case "${1:-}" in
   "") out=$repo/bin/images ;;
   golang) out=$repo/bin/bench ;;
-  *) echo "usage: $0 [golang]" >&2; exit 2 ;;
+  tekton) out=$repo/bin/tekton ;;
+  *) echo "usage: $0 [golang|tekton]" >&2; exit 2 ;;
 esac
 work=$out/.work
 rm -rf "$work"
@@ -58,6 +65,19 @@ if [ "${1:-}" = golang ]; then
   done
   layout golang localhost/golang:dev "$root" --cmd sh \
     --env PATH=/usr/local/go/bin:/bin,GOTOOLCHAIN=local,CGO_ENABLED=0,GOPROXY=off
+  exit 0
+fi
+
+if [ "${1:-}" = tekton ]; then
+  [ -f /etc/ssl/certs/ca-certificates.crt ] || "$repo/hack/cluster/install-deps.sh"
+  "$repo/hack/tekton/build.sh" "$work/bin"
+  for name in controller webhook entrypoint nop workingdirinit sidecarlogresults; do
+    mkdir -p "$work/$name/ko-app" "$work/$name/etc/ssl/certs" "$work/$name/tmp"
+    chmod 1777 "$work/$name/tmp"
+    install -m 0644 /etc/ssl/certs/ca-certificates.crt "$work/$name/etc/ssl/certs/"
+    install -m 0755 "$work/bin/$name" "$work/$name/ko-app/$name"
+    layout "$name" "localhost/tekton/$name:dev" "$work/$name" --entrypoint "/ko-app/$name"
+  done
   exit 0
 fi
 
