@@ -3,8 +3,9 @@
 # make test): layercache under tools users already run, each the real tool
 # built from the Go module proxy or Debian's packages. On a local cluster
 # (NODES, default 1): a real Tekton Pipelines (hack/tekton) running a
-# pipeline whose build task's workspace is a cache. Always tears down,
-# checking that nothing is left.
+# pipeline whose build task's workspace is a cache, and a nested podman
+# (Debian's podman and fuse-overlayfs) whose image storage is a cache.
+# Always tears down, checking that nothing is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 if [ "$(id -u)" != 0 ]; then
@@ -16,10 +17,11 @@ export NODES=${NODES:-1}
 rc=0
 {
   hack/images/build.sh tekton >/dev/null && hack/images/build.sh golang >/dev/null &&
+    hack/images/build.sh podman >/dev/null &&
     hack/cluster/up.sh && hack/deploy-local.sh &&
-    hack/images/import.sh bin/tekton/*.tar bin/bench/golang.tar &&
+    hack/images/import.sh bin/tekton/*.tar bin/bench/golang.tar bin/podman/podman.tar &&
     hack/tekton/install.sh &&
-    go test -tags e2e,extended -count=1 -timeout 30m -v -run 'Tekton' ./e2e/
+    go test -tags e2e,extended -count=1 -timeout 30m -v -run 'Tekton|Podman' ./e2e/
 } || rc=1
 hack/cluster/down.sh || rc=1
 exit $rc

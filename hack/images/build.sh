@@ -15,6 +15,11 @@
 #                                     entrypoint, nop, workingdirinit and
 #                                     sidecarlogresults (hack/tekton), at
 #                                     /ko-app/NAME as Tekton expects
+# With `podman`, bin/podman/podman.tar (for make test-extended):
+#   localhost/podman:dev              Debian 12 with podman, crun and
+#                                     fuse-overlayfs from Debian's packages
+#                                     (mmdebstrap, with this machine's apt
+#                                     sources), set up for nested builds
 # Reproducible: the same sources give the same digests (printed).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/../.." && pwd)
@@ -22,7 +27,8 @@ case "${1:-}" in
   "") out=$repo/bin/images ;;
   golang) out=$repo/bin/bench ;;
   tekton) out=$repo/bin/tekton ;;
-  *) echo "usage: $0 [golang|tekton]" >&2; exit 2 ;;
+  podman) out=$repo/bin/podman ;;
+  *) echo "usage: $0 [golang|tekton|podman]" >&2; exit 2 ;;
 esac
 work=$out/.work
 rm -rf "$work"
@@ -65,6 +71,48 @@ if [ "${1:-}" = golang ]; then
   done
   layout golang localhost/golang:dev "$root" --cmd sh \
     --env PATH=/usr/local/go/bin:/bin,GOTOOLCHAIN=local,CGO_ENABLED=0,GOPROXY=off
+  exit 0
+fi
+
+if [ "${1:-}" = podman ]; then
+  if ! command -v mmdebstrap >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mmdebstrap >/dev/null
+  fi
+  root=$work/podman
+  SOURCE_DATE_EPOCH=0 mmdebstrap --quiet --mode=root --variant=essential \
+    --include=podman,crun,conmon,fuse-overlayfs,ca-certificates \
+    --aptopt='Acquire::Check-Valid-Until "false"' bookworm "$root"
+  rm -rf "${root:?}"/dev/* # the runtime makes /dev
+  # Nested podman: its storage on a layercache volume (an overlay, which
+  # the kernel cannot stack another overlay's upper dir on), so through
+  # fuse-overlayfs; no cgroups or network of its own (the pod has them).
+  cat > "$root/etc/containers/storage.conf" <<'CONF'
+[storage]
+driver = "overlay"
+runroot = "/run/containers/storage"
+graphroot = "/var/lib/containers/storage"
+
+[storage.options.overlay]
+mount_program = "/usr/bin/fuse-overlayfs"
+CONF
+  cat > "$root/etc/containers/containers.conf" <<'CONF'
+[containers]
+netns = "host"
+cgroups = "disabled"
+
+[engine]
+cgroup_manager = "cgroupfs"
+events_logger = "file"
+runtime = "crun"
+CONF
+  mkdir -p "$root/etc/containers/registries.conf.d"
+  cat > "$root/etc/containers/registries.conf.d/50-layercache-local.conf" <<'CONF'
+# The local cluster's registry (config/local) speaks plain HTTP.
+[[registry]]
+location = "10.96.0.50:5000"
+insecure = true
+CONF
+  layout podman localhost/podman:dev "$root" --cmd bash
   exit 0
 fi
 
