@@ -27,8 +27,20 @@ const (
 	envCrashKillAt = "LAYERCACHE_CRASH_KILL_AT"
 )
 
-// crashOps is the child's workload: five commits, a compaction, a GC.
-var crashOps = []string{"commit 1", "commit 2", "commit 3", "compact", "commit 4", "commit 5", "gc"}
+// crashOps is the child's workload: five commits, a compaction, a GC, and
+// a commit to another cache from a volume started from this one (a
+// fallback).
+var crashOps = []string{"commit 1", "commit 2", "commit 3", "compact", "commit 4", "commit 5", "gc", "branch"}
+
+// crashBranch is the cache that the last op commits to, from testKey.
+var crashBranch = Key{Namespace: testKey.Namespace, Name: "branch"}
+
+// crashBranchContent is crashBranch's content once its commit is done.
+func crashBranchContent() tree {
+	t := crashContent(5)
+	t["b"] = "branch"
+	return t
+}
 
 // crashContent is the cache content after commit n: each commit adds its
 // own file, deletes (by a whiteout) the one from two commits before, and
@@ -71,6 +83,12 @@ func TestCrashChild(t *testing.T) {
 			_, err = s.Compact(testKey)
 		case op == "gc":
 			_, err = s.GC()
+		case op == "branch":
+			if _, err = s.CreateVolume("branch", crashBranch, VolumeOptions{Writable: true, From: []Key{testKey}}); err == nil {
+				if err = os.WriteFile(filepath.Join(s.upperDir("branch"), "b"), []byte("branch"), 0o644); err == nil {
+					_, err = s.Commit("branch")
+				}
+			}
 		default:
 			n, _ := strconv.Atoi(strings.TrimPrefix(op, "commit "))
 			err = crashCommit(s, n)
@@ -208,6 +226,15 @@ func checkAfterCrash(t *testing.T, root, dir, op string, lastCommit int) {
 		t.Fatalf("after retrying an interrupted commit the cache holds %v, want %v", got, new)
 	case !treesEqual(got, old) && !treesEqual(got, new):
 		t.Fatalf("after recovery the cache holds %v, want %v or %v", got, old, new)
+	}
+	// The fallback commit: the branch has nothing, or all of it, and its
+	// fallback is unchanged (checked above).
+	branch := view(t, s, crashBranch, dir)
+	switch {
+	case op == "branch" && startedCommit && !treesEqual(branch, crashBranchContent()):
+		t.Fatalf("after retrying an interrupted fallback commit the branch holds %v, want %v", branch, crashBranchContent())
+	case !treesEqual(branch, tree{}) && !treesEqual(branch, crashBranchContent()):
+		t.Fatalf("after recovery the branch holds %v, want nothing or %v", branch, crashBranchContent())
 	}
 	// 3. GC leaves nothing unreferenced.
 	if _, err := s.GC(); err != nil {
