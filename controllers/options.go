@@ -2,6 +2,7 @@ package controllers
 
 import (
 	"fmt"
+	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -69,9 +70,9 @@ func (o Options) checkClaims(pod *corev1.Pod, claims []v1alpha1.Claim) error {
 		case !podReferences(pod, c):
 			return fmt.Errorf("claim %s: the pod has no volume %q that references it", c.ClaimName, c.Volume)
 		}
-		for _, f := range c.RestoreFrom {
-			if len(validation.IsDNS1123Label(f)) > 0 || f == c.Cache {
-				return fmt.Errorf("claim %s: fallback cache %q must be a DNS-1123 label other than the claim's cache", c.ClaimName, f)
+		if len(c.RestoreFrom) > 0 {
+			if err := checkRestoreFrom(strings.Join(c.RestoreFrom, ","), c.Cache); err != nil {
+				return fmt.Errorf("claim %s: %w", c.ClaimName, err)
 			}
 		}
 		names[c.ClaimName] = true
