@@ -120,3 +120,21 @@ func BenchmarkAdmission(b *testing.B) {
 	b.ReportMetric(float64(durations[len(durations)*99/100].Microseconds()), "p99-µs")
 	b.ReportMetric(float64(durations[len(durations)/2].Microseconds()), "p50-µs")
 }
+
+// A cache that no node holds yet prefers the nodes of its first fallback
+// that a node holds.
+func TestFallbackNodesArePreferred(t *testing.T) {
+	m := newMutator(t, tenNodeCache())
+	pod := admitted(t, m, testPod(cacheLabel("feature-x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "nothing-yet,example-project"}))
+	if pod.Spec.Affinity == nil || pod.Spec.Affinity.NodeAffinity == nil {
+		t.Fatal("no node affinity toward the fallback's nodes")
+	}
+	terms := pod.Spec.Affinity.NodeAffinity.PreferredDuringSchedulingIgnoredDuringExecution
+	if len(terms) != 10 || terms[0].Weight != 100 || terms[0].Preference.MatchFields[0].Values[0] != "node-9" {
+		t.Fatalf("preferred terms = %+v, want the 10 nodes of example-project, node-9 first", terms)
+	}
+	// Without the annotation: no affinity (feature-x is on no node).
+	if pod := admitted(t, m, testPod(cacheLabel("feature-x"), nil)); pod.Spec.Affinity != nil {
+		t.Errorf("affinity without fallbacks: %+v", pod.Spec.Affinity)
+	}
+}
