@@ -25,6 +25,24 @@ func cacheContext(write bool, owner, pod string) map[string]string {
 	}
 }
 
+// seedCache commits dep.jar with content to cache key, as an earlier build
+// would have.
+func seedCache(t *testing.T, store *engine.Store, dir string, key engine.Key, content string) {
+	t.Helper()
+	if _, err := store.CreateVolume("seed", key, engine.VolumeOptions{Writable: true}); err != nil {
+		t.Fatal(err)
+	}
+	seed := filepath.Join(dir, "seed")
+	if err := store.Mount("seed", seed); err != nil {
+		t.Fatal(err)
+	}
+	os.WriteFile(filepath.Join(seed, "dep.jar"), []byte(content), 0o644)
+	store.Unmount("seed")
+	if _, err := store.Commit("seed"); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // The CSI services as the kubelet calls them, over a unix socket, with the
 // real engine: publish mounts the cache, unpublish unmounts, stats report
 // what the build wrote.
@@ -42,20 +60,7 @@ func TestCSINodeService(t *testing.T) {
 		t.Fatalf("node info = %v, %v", ni, err)
 	}
 
-	// Seed the cache as an earlier build would have.
-	key := engine.Key{Namespace: "ci", Name: "example-project"}
-	if _, err := store.CreateVolume("seed", key, engine.VolumeOptions{Writable: true}); err != nil {
-		t.Fatal(err)
-	}
-	seed := filepath.Join(dir, "seed")
-	if err := store.Mount("seed", seed); err != nil {
-		t.Fatal(err)
-	}
-	os.WriteFile(filepath.Join(seed, "dep.jar"), []byte("cached"), 0o644)
-	store.Unmount("seed")
-	if _, err := store.Commit("seed"); err != nil {
-		t.Fatal(err)
-	}
+	seedCache(t, store, dir, engine.Key{Namespace: "ci", Name: "example-project"}, "cached")
 
 	target := filepath.Join(dir, "pods", "uid-1", "volumes", "mount")
 	req := &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(),
@@ -104,18 +109,7 @@ func TestCSIFallback(t *testing.T) {
 	_, node := serveCSI(t, &Driver{Store: store, NodeName: "node-a"}, dir)
 	ctx := context.Background()
 	main := engine.Key{Namespace: "ci", Name: "main"}
-	if _, err := store.CreateVolume("seed", main, engine.VolumeOptions{Writable: true}); err != nil {
-		t.Fatal(err)
-	}
-	seed := filepath.Join(dir, "seed")
-	if err := store.Mount("seed", seed); err != nil {
-		t.Fatal(err)
-	}
-	os.WriteFile(filepath.Join(seed, "dep.jar"), []byte("main's"), 0o644)
-	store.Unmount("seed")
-	if _, err := store.Commit("seed"); err != nil {
-		t.Fatal(err)
-	}
+	seedCache(t, store, dir, main, "main's")
 	vc := cacheContext(true, "uid-1", "uid-1")
 	vc[v1alpha1.AttrRestoreFrom] = "release,main"
 	target := filepath.Join(dir, "pods", "uid-1", "volumes", "mount")
