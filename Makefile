@@ -83,7 +83,7 @@ test: lint check-generated envtest-assets registry-bin helm-bin chart-lint test-
 	hack/reap-envtest.sh; exit $$rc
 
 .PHONY: test-extended
-test-extended: ## The extended e2e tests: a real Tekton pipeline with a cached workspace, nested podman in a cache (root; CI runs it after make test).
+test-extended: ## The extended e2e tests: the Helm chart installed, upgraded, uninstalled; a real Tekton pipeline with a cached workspace; nested podman in a cache (root; CI runs it after make test).
 	hack/test-extended.sh
 
 .PHONY: test-e2e

@@ -2,7 +2,9 @@
 # The extended end-to-end tests (make test-extended; CI runs them after
 # make test): layercache under tools users already run, each the real tool
 # built from the Go module proxy or Debian's packages. On a local cluster
-# (NODES, default 1): a real Tekton Pipelines (hack/tekton) running a
+# (NODES, default 1): the Helm chart installed, upgraded and uninstalled
+# with the real helm, the build-cache story in between (hack/test-helm.sh);
+# then, on config/local, a real Tekton Pipelines (hack/tekton) running a
 # pipeline whose build task's workspace is a cache, and a nested podman
 # (Debian's podman and fuse-overlayfs) whose image storage is a cache.
 # Always tears down, checking that nothing is left.
@@ -18,7 +20,7 @@ rc=0
 {
   hack/images/build.sh tekton >/dev/null && hack/images/build.sh golang >/dev/null &&
     hack/images/build.sh podman >/dev/null &&
-    hack/cluster/up.sh && hack/deploy-local.sh &&
+    hack/cluster/up.sh && hack/test-helm.sh && hack/deploy-local.sh &&
     hack/images/import.sh bin/tekton/*.tar bin/bench/golang.tar bin/podman/podman.tar &&
     hack/tekton/install.sh &&
     go test -tags e2e,extended -count=1 -timeout 30m -v -run 'Tekton|Podman' ./e2e/

@@ -3,8 +3,8 @@
 # (bin/helm): install layercache from dist/chart (built-in certificates),
 # run the build-cache story, upgrade with changed values, run it again,
 # uninstall, and check that nothing of the release is left but its CRDs
-# (Helm never deletes what a chart's crds/ installed). hack/test-e2e.sh
-# runs it before it installs config/local for the e2e suite.
+# (Helm never deletes what a chart's crds/ installed). hack/test-extended.sh
+# runs it before it installs config/local for its other tests.
 set -euo pipefail
 . "$(dirname "$0")/cluster/lib.sh"
 cd "$REPO_ROOT"
