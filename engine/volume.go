@@ -87,8 +87,7 @@ func (s *Store) CreateVolume(id string, k Key, opts VolumeOptions) (*Volume, err
 			return v, err
 		}
 	}
-	v, err := s.createVolume(id, k, nil, opts)
-	return v, err
+	return s.createVolume(id, k, nil, opts)
 }
 
 // createVolume creates volume id on k from k's head, or, with from, from
@@ -582,8 +581,8 @@ func (s *Store) checkCommitSize(v *Volume, maxBytes int64) error {
 	defer root.Close()
 	total := newCounter()
 	rels := []string{filepath.Join(dirVolumes, v.ID, "upper")}
+	base := v.LayersOf()
 	for _, l := range v.Layers {
-		base := v.LayersOf()
 		rels = append(rels, filepath.Join(dirCaches, base.Namespace, base.Name, dirLayers, l))
 	}
 	for _, rel := range rels {

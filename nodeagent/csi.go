@@ -176,19 +176,18 @@ func fallbacks(namespace, list string) ([]engine.Key, error) {
 }
 
 // beforeVolume brings the cache's newest image down if the node is behind
-// (bounded; it never fails the volume). If the node still has nothing of
-// the cache, it does the same for the fallbacks in order, up to the first
-// one that the node has: the volume starts from that one.
+// (bounded; it never fails the volume). While the node still has nothing
+// of it, it does the same for the fallbacks in order: the volume starts
+// from the first one the node has. Without fallbacks it reads nothing more.
 func (d *Driver) beforeVolume(ctx context.Context, key engine.Key, from []engine.Key) {
 	d.Sync.BeforeVolume(ctx, key)
-	for _, k := range append([]engine.Key{key}, from...) {
-		if k != key {
-			d.Sync.BeforeVolume(ctx, k)
-		}
-		info, err := d.Store.Inspect(k)
-		if err == nil && info.Head != nil && len(info.Head.Layers) > 0 {
+	last := key
+	for _, k := range from {
+		if info, err := d.Store.Inspect(last); err == nil && info.Head != nil && len(info.Head.Layers) > 0 {
 			return
 		}
+		d.Sync.BeforeVolume(ctx, k)
+		last = k
 	}
 }
 

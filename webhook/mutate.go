@@ -23,12 +23,12 @@ const maxAffinityNodes = 10
 // caches are the Caches whose nodes to prefer (nil entries are skipped).
 func apply(pod *corev1.Pod, p *plan, caches []*v1alpha1.Cache, opts Options, suffix func() string) error {
 	var claims []v1alpha1.Claim
-	for _, r := range p.requests {
+	for i, r := range p.requests {
 		claim := v1alpha1.Claim{
 			Cache: r.cache, ClaimName: claimName(pod, r.cache, suffix()), Volume: r.volume,
 			Trust: p.trust, Size: p.size.String(), StorageClass: opts.StorageClass, MountPath: r.mountPath,
 		}
-		if r.cache == p.requests[0].cache {
+		if i == 0 { // the pod's own cache
 			claim.RestoreFrom = p.restoreFrom
 		}
 		source := corev1.VolumeSource{PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: claim.ClaimName}}
