@@ -106,6 +106,7 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 		// The content is still the head's: so are its labels and time.
 		Labels:      head.Labels,
 		ContentTime: &committed,
+		Identity:    head.ID(),
 	}
 	if err := s.publish(k, g); err != nil {
 		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)

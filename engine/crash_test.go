@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"archive/tar"
 	"bufio"
 	"bytes"
 	"errors"
@@ -12,6 +13,7 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -27,10 +29,11 @@ const (
 	envCrashKillAt = "LAYERCACHE_CRASH_KILL_AT"
 )
 
-// crashOps is the child's workload: five commits, a compaction, a GC, and
-// a commit to another cache from a volume started from this one (a
-// fallback).
-var crashOps = []string{"commit 1", "commit 2", "commit 3", "compact", "commit 4", "commit 5", "gc", "branch"}
+// crashOps is the child's workload: five commits, a compaction, an import
+// staged before commit 5 (a prefetch under way) and published after it
+// (refused: it is older), a GC, and a commit to another cache from a volume
+// started from this one (a fallback).
+var crashOps = []string{"commit 1", "commit 2", "commit 3", "compact", "commit 4", "stage", "commit 5", "import", "gc", "branch"}
 
 // crashBranch is the cache that the last op commits to, from testKey.
 var crashBranch = Key{Namespace: testKey.Namespace, Name: "branch"}
@@ -75,10 +78,21 @@ func TestCrashChild(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	var staged *StagedLayer
+	stagedAt := time.Now()
 	for _, op := range crashOps {
 		fmt.Printf("op %s\n", op)
 		var err error
 		switch {
+		case op == "stage":
+			staged, err = s.ImportLayer(bytes.NewReader(tarOf(t, entry{h: tar.Header{Name: "state"}, body: "imported"})), ImportOptions{})
+		case op == "import":
+			_, err = s.PublishLayers(testKey, []*StagedLayer{staged}, PublishOptions{ContentTime: stagedAt})
+			if errors.Is(err, ErrStale) {
+				err = nil
+			} else if err == nil {
+				err = errors.New("an import older than the head was published")
+			}
 		case op == "compact":
 			_, err = s.Compact(testKey)
 		case op == "gc":
@@ -226,6 +240,20 @@ func checkAfterCrash(t *testing.T, root, dir, op string, lastCommit int) {
 		t.Fatalf("after retrying an interrupted commit the cache holds %v, want %v", got, new)
 	case !treesEqual(got, old) && !treesEqual(got, new):
 		t.Fatalf("after recovery the cache holds %v, want %v or %v", got, old, new)
+	}
+	// An import that was fetched while the head was committed, retried now
+	// as a prefetch would be, never replaces it.
+	if head, ok, err := s.head(testKey); err != nil {
+		t.Fatal(err)
+	} else if ok {
+		l, err := s.ImportLayer(bytes.NewReader(tarOf(t, entry{h: tar.Header{Name: "state"}, body: "imported"})), ImportOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := s.PublishLayers(testKey, []*StagedLayer{l}, PublishOptions{ContentTime: head.Committed().Add(-time.Nanosecond)}); !errors.Is(err, ErrStale) {
+			t.Fatalf("an import older than the recovered head: %v, want ErrStale", err)
+		}
+		assertTree(t, "after a stale import", view(t, s, testKey, dir), got)
 	}
 	// The fallback commit: the branch has nothing, or all of it, and its
 	// fallback is unchanged (checked above).

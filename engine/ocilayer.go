@@ -465,7 +465,10 @@ func Reuse(id string) *StagedLayer { return &StagedLayer{id: id, reused: true} }
 // PublishLayers makes layers, bottom first, the next generation of cache
 // k: staged layers move into the cache under its lock, reused ones must
 // still be there, and the head moves to them atomically, as a commit does
-// (source "import"). The staged layers are spent either way.
+// (source "import"). It refuses, with ErrStale, content committed no later
+// than the head (checked under the lock, so a commit made while the layers
+// were fetched is never replaced by older content). The staged layers are
+// spent either way.
 func (s *Store) PublishLayers(k Key, layers []*StagedLayer, opts PublishOptions) (Generation, error) {
 	defer func() {
 		for _, l := range layers {
@@ -480,40 +483,59 @@ func (s *Store) PublishLayers(k Key, layers []*StagedLayer, opts PublishOptions)
 		return Generation{}, err
 	}
 	defer lock.unlock()
-	if err := s.ensureCacheDirs(k); err != nil {
-		return Generation{}, err
-	}
 	g := Generation{Created: time.Now().UTC(), Source: "import", Labels: opts.Labels}
 	if !opts.ContentTime.IsZero() {
 		t := opts.ContentTime.UTC()
 		g.ContentTime = &t
 	}
+	if head, ok, err := s.head(k); err != nil {
+		return Generation{}, err
+	} else if ok && !head.Committed().Before(g.Committed()) {
+		return Generation{}, fmt.Errorf("importing into %s content committed at %s: the head (generation %d) was committed at %s: %w",
+			k, g.Committed().Format(time.RFC3339Nano), head.Number, head.Committed().Format(time.RFC3339Nano), ErrStale)
+	}
+	if err := s.ensureCacheDirs(k); err != nil {
+		return Generation{}, err
+	}
+	if g.Layers, err = s.placeLayers(k, layers); err != nil {
+		return Generation{}, err
+	}
+	failpoint("import/layers-placed")
+	g.Identity = g.Layers[len(g.Layers)-1]
+	if g.Number, err = s.nextGeneration(k); err != nil {
+		return Generation{}, err
+	}
+	if err := s.publish(k, g); err != nil {
+		return Generation{}, err
+	}
+	failpoint("import/published")
+	return g, nil
+}
+
+// placeLayers moves staged layers into cache k and checks that reused ones
+// are there; it returns their IDs. The caller holds k's lock (GC takes it
+// too: a layer found here stays).
+func (s *Store) placeLayers(k Key, layers []*StagedLayer) ([]string, error) {
+	ids := make([]string, 0, len(layers))
 	for _, l := range layers {
 		switch {
 		case l != nil && l.reused:
 			if err := validateLayerID(l.id); err != nil {
-				return Generation{}, err
+				return nil, err
 			}
-			// GC takes the cache's lock too: a layer here now stays.
 			if _, err := os.Lstat(s.layerPath(k, l.id)); err != nil {
-				return Generation{}, fmt.Errorf("reusing layer %s: %w", l.id, err)
+				return nil, fmt.Errorf("reusing layer %s: %w", l.id, err)
 			}
 		case l == nil || l.t == nil:
-			return Generation{}, errors.New("a staged layer was already spent")
+			return nil, errors.New("a staged layer was already spent")
 		default:
 			if err := os.Rename(filepath.Join(l.t.path, l.id), s.layerPath(k, l.id)); err != nil {
-				return Generation{}, fmt.Errorf("publishing layer %s: %w", l.id, err)
+				return nil, fmt.Errorf("publishing layer %s: %w", l.id, err)
 			}
 		}
-		g.Layers = append(g.Layers, l.id)
+		ids = append(ids, l.id)
 	}
-	if err := syncDir(filepath.Join(s.cacheDir(k), dirLayers)); err != nil {
-		return Generation{}, err
-	}
-	if g.Number, err = s.nextGeneration(k); err != nil {
-		return Generation{}, err
-	}
-	return g, s.publish(k, g)
+	return ids, syncDir(filepath.Join(s.cacheDir(k), dirLayers))
 }
 
 // ID is the layer's ID in the store (once published).

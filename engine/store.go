@@ -31,6 +31,7 @@ const (
 	fileLastUsed   = "LAST_USED"
 	fileVolume     = "volume.json"
 	fileOwner      = "OWNER"
+	filePushed     = "PUSHED"
 )
 
 // Errors callers can test with errors.Is.
@@ -41,6 +42,10 @@ var (
 	ErrNotWritable = errors.New("volume is not writable")
 	ErrConflict    = errors.New("conflict")
 	ErrTooLarge    = errors.New("too large")
+	// ErrStale: an import holds content committed no later than the
+	// cache's head; it matches ErrConflict. It is an answer, not a failure
+	// to retry: the node has newer content than what it was offered.
+	ErrStale = fmt.Errorf("older than the cache's head: %w", ErrConflict)
 )
 
 // Options tune a Store.
@@ -71,6 +76,23 @@ type Generation struct {
 	// ContentTime is when the content was committed, where that is not
 	// Created: the commit a compaction or an import carries on.
 	ContentTime *time.Time `json:"contentTime,omitempty"`
+	// Identity names the content: the layer a commit added, kept by a
+	// compaction (same content) and new for an import. Unlike Number,
+	// which starts again at 1 once a cache is deleted, it never comes
+	// back. See ID.
+	Identity string `json:"identity,omitempty"`
+}
+
+// ID is the generation's identity (its top layer's ID for a generation
+// written before identities were recorded).
+func (g Generation) ID() string {
+	if g.Identity != "" {
+		return g.Identity
+	}
+	if len(g.Layers) > 0 {
+		return g.Layers[len(g.Layers)-1]
+	}
+	return ""
 }
 
 // Committed is when the generation's content was committed: Created for a
@@ -294,7 +316,8 @@ func (s *Store) Keys() ([]Key, error) {
 	return keys, nil
 }
 
-// CacheInfo describes a cache.
+// CacheInfo describes a cache: one consistent snapshot, read under the
+// cache's lock.
 type CacheInfo struct {
 	Key Key `json:"cache"`
 	// Head is the current generation; nil for a cache with no commit.
@@ -302,18 +325,28 @@ type CacheInfo struct {
 	// Generations lists the generations kept on disk (the head and those
 	// that volumes still use).
 	Generations []int64 `json:"generations"`
-	// Volumes lists the IDs of the volumes created from this cache.
+	// Volumes lists the IDs of the volumes that use the cache: its own,
+	// and those of other caches started from it as a fallback.
 	Volumes []string `json:"volumes"`
 	// LastUsed is when a volume was last created from the cache, or its
 	// head committed, whichever is later.
 	LastUsed time.Time `json:"lastUsed"`
+	// Pushed is what RecordPush last recorded, if anything.
+	Pushed *PushRecord `json:"pushed,omitempty"`
 }
 
-// Inspect describes one cache.
+// Inspect describes one cache, from one snapshot taken under its lock.
 func (s *Store) Inspect(k Key) (CacheInfo, error) {
-	if err := k.Validate(); err != nil {
+	lock, err := s.lockCache(k)
+	if err != nil {
 		return CacheInfo{}, err
 	}
+	defer lock.unlock()
+	return s.inspect(k)
+}
+
+// inspect is Inspect for a caller that holds the cache's lock.
+func (s *Store) inspect(k Key) (CacheInfo, error) {
 	info := CacheInfo{Key: k, Generations: []int64{}, Volumes: []string{}}
 	if _, err := os.Stat(s.cacheDir(k)); errors.Is(err, fs.ErrNotExist) {
 		return info, fmt.Errorf("cache %s: %w", k, ErrNotFound)
@@ -332,43 +365,116 @@ func (s *Store) Inspect(k Key) (CacheInfo, error) {
 	if info.Generations, err = s.generationNumbers(k); err != nil {
 		return info, err
 	}
-	vols, err := s.Volumes()
-	if err != nil {
+	if info.Volumes, err = s.users(k); err != nil {
 		return info, err
 	}
+	info.Pushed, err = s.pushed(k)
+	return info, err
+}
+
+// users lists the volumes that use cache k: its own volumes, and those
+// started from it as a fallback (their snapshot is k's layers). A volume
+// of k or started from k can only be created under k's lock, so the list
+// is complete for a caller that holds it.
+func (s *Store) users(k Key) ([]string, error) {
+	vols, err := s.Volumes()
+	if err != nil {
+		return nil, err
+	}
+	users := []string{}
 	for _, v := range vols {
-		if v.Cache == k {
-			info.Volumes = append(info.Volumes, v.ID)
+		if v.Cache == k || v.LayersOf() == k {
+			users = append(users, v.ID)
 		}
 	}
-	return info, nil
+	return users, nil
 }
 
 // DeleteCache removes a cache and all its data. It fails with ErrInUse
-// while a volume still uses the cache.
+// while a volume uses the cache (its own, or one started from it as a
+// fallback).
 func (s *Store) DeleteCache(k Key) error {
+	return s.deleteCache(k, -1)
+}
+
+// EvictIfIdle removes cache k like DeleteCache, and only if it has not
+// been used for idle (zero: whenever no volume uses it). Idleness is
+// judged under the cache's lock: a volume created or a commit made since
+// the caller looked keeps the cache, with ErrInUse.
+func (s *Store) EvictIfIdle(k Key, idle time.Duration) error {
+	return s.deleteCache(k, idle)
+}
+
+func (s *Store) deleteCache(k Key, idle time.Duration) error {
 	lock, err := s.lockCache(k)
 	if err != nil {
 		return err
 	}
 	defer lock.unlock()
-	if _, err := os.Stat(s.cacheDir(k)); errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("cache %s: %w", k, ErrNotFound)
-	}
-	vols, err := s.Volumes()
+	info, err := s.inspect(k)
 	if err != nil {
 		return err
 	}
-	var users []string
-	for _, v := range vols {
-		if v.Cache == k {
-			users = append(users, v.ID)
-		}
+	if len(info.Volumes) > 0 {
+		return fmt.Errorf("cache %s is used by volume(s) %s: %w", k, strings.Join(info.Volumes, ", "), ErrInUse)
 	}
-	if len(users) > 0 {
-		return fmt.Errorf("cache %s is used by volume(s) %s: %w", k, strings.Join(users, ", "), ErrInUse)
+	if since := time.Since(info.LastUsed); idle >= 0 && since < idle {
+		return fmt.Errorf("cache %s was used %s ago, less than %s: %w", k, since.Round(time.Second), idle, ErrInUse)
 	}
 	return s.trash(s.cacheDir(k))
+}
+
+// PushRecord says that a generation of a cache was pushed elsewhere (a
+// registry): what the node agent reports, kept with the cache's data so
+// that it goes with them.
+type PushRecord struct {
+	// ID is the generation's identity (Generation.ID); Number its number
+	// then.
+	ID     string `json:"id"`
+	Number int64  `json:"number,omitempty"`
+	// Ref is where it went (an image reference by digest).
+	Ref string `json:"ref"`
+	// Committed is the generation's content time, Pushed when it was sent.
+	Committed time.Time `json:"committed"`
+	Pushed    time.Time `json:"pushed"`
+}
+
+// RecordPush records durably that a generation of cache k was pushed. It
+// fails with ErrNotFound if the node no longer holds the cache (deleted or
+// evicted meanwhile): the record never outlives the data.
+func (s *Store) RecordPush(k Key, p PushRecord) error {
+	if p.ID == "" {
+		return errors.New("a push record needs the generation's identity")
+	}
+	lock, err := s.lockCache(k)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	if _, err := os.Stat(filepath.Join(s.cacheDir(k), fileHead)); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("cache %s: %w", k, ErrNotFound)
+	}
+	return writeJSONAtomic(s.cacheDir(k), filePushed, p)
+}
+
+// Pushed returns what RecordPush last recorded for cache k, or nil.
+func (s *Store) Pushed(k Key) (*PushRecord, error) {
+	if err := k.Validate(); err != nil {
+		return nil, err
+	}
+	return s.pushed(k)
+}
+
+func (s *Store) pushed(k Key) (*PushRecord, error) {
+	var p PushRecord
+	err := readJSON(filepath.Join(s.cacheDir(k), filePushed), &p)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("reading the push record of %s: %w", k, err)
+	}
+	return &p, nil
 }
 
 // trash moves path into ROOT/tmp (one rename, so it disappears at once) and

@@ -369,6 +369,8 @@ type CommitResult struct {
 	Committed  bool   `json:"committed"`
 	Generation int64  `json:"generation,omitempty"`
 	Layer      string `json:"layer,omitempty"`
+	// ID is the new generation's identity (see Generation.ID).
+	ID string `json:"id,omitempty"`
 	// ChainLength is the number of layers in the new head.
 	ChainLength int `json:"chainLength,omitempty"`
 }
@@ -509,7 +511,7 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 	}
 	g := Generation{
 		Layers:  append(base, layer),
-		Created: time.Now().UTC(), Source: "commit", Volume: id, Labels: v.Labels,
+		Created: time.Now().UTC(), Source: "commit", Volume: id, Labels: v.Labels, Identity: layer,
 	}
 	if published, err := s.generationWithLayer(v.Cache, layer); err != nil {
 		return CommitResult{}, err
@@ -532,7 +534,7 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 	if err := s.trash(s.volumeDir(id)); err != nil {
 		return CommitResult{}, err
 	}
-	return CommitResult{Committed: true, Generation: g.Number, Layer: layer, ChainLength: len(g.Layers)}, nil
+	return CommitResult{Committed: true, Generation: g.Number, Layer: layer, ID: g.ID(), ChainLength: len(g.Layers)}, nil
 }
 
 // adoptBase gives v's cache its own copy of the fallback layers v started
