@@ -71,8 +71,8 @@ func (o Options) checkClaims(pod *corev1.Pod, claims []v1alpha1.Claim) error {
 			return fmt.Errorf("claim %s: the pod has no volume %q that references it", c.ClaimName, c.Volume)
 		}
 		if len(c.RestoreFrom) > 0 {
-			if err := checkRestoreFrom(strings.Join(c.RestoreFrom, ","), c.Cache); err != nil {
-				return fmt.Errorf("claim %s: %w", c.ClaimName, err)
+			if _, err := v1alpha1.ParseRestoreFrom(strings.Join(c.RestoreFrom, ","), c.Cache); err != nil {
+				return fmt.Errorf("claim %s: restoreFrom: %w", c.ClaimName, err)
 			}
 		}
 		names[c.ClaimName] = true

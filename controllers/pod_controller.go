@@ -250,17 +250,10 @@ func (r *PodReconciler) releaseClaim(ctx context.Context, pod *corev1.Pod, c v1a
 	if !metav1.IsControlledBy(pvc, pod) {
 		return nil
 	}
-	// The outcome goes on the PV first: the node agent reads it there,
-	// after the claim is gone.
+	// The outcome goes on the PV (only there): the node agent reads it
+	// there, after the claim is gone.
 	if pvc.Spec.VolumeName != "" {
 		if err := r.recordOnPV(ctx, pvc.Spec.VolumeName, pod, phase); err != nil {
-			return err
-		}
-	}
-	if pvc.Annotations[v1alpha1.AnnotationPodPhase] != phase {
-		patch := client.MergeFrom(pvc.DeepCopy())
-		metav1.SetMetaDataAnnotation(&pvc.ObjectMeta, v1alpha1.AnnotationPodPhase, phase)
-		if err := r.Patch(ctx, pvc, patch); err != nil {
 			return err
 		}
 	}

@@ -3,7 +3,6 @@ package controllers
 import (
 	"context"
 	"fmt"
-	"strconv"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -51,14 +50,16 @@ func (r *Provisioner) SetupWithManager(mgr ctrl.Manager) error {
 // PVName is the PV provisioned for a claim.
 func PVName(pvc *corev1.PersistentVolumeClaim) string { return "pvc-" + string(pvc.UID) }
 
-// Reconcile implements reconcile.Reconciler.
+// Reconcile implements reconcile.Reconciler. It decides what the volume
+// is (the claim checked, the trust decision made and its events recorded)
+// once, here, and builds the PV from that decision with a pure function.
 func (r *Provisioner) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	pvc := &corev1.PersistentVolumeClaim{}
 	if err := r.Get(ctx, req.NamespacedName, pvc); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
-	node := pvc.Annotations[AnnotationSelectedNode]
-	if pvc.Spec.VolumeName != "" || node == "" || pvc.DeletionTimestamp != nil || pvc.Spec.StorageClassName == nil {
+	nodeName := pvc.Annotations[AnnotationSelectedNode]
+	if pvc.Spec.VolumeName != "" || nodeName == "" || pvc.DeletionTimestamp != nil || pvc.Spec.StorageClassName == nil {
 		return ctrl.Result{}, nil
 	}
 	class := &storagev1.StorageClass{}
@@ -74,112 +75,123 @@ func (r *Provisioner) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 	} else if !apierrors.IsNotFound(err) {
 		return ctrl.Result{}, err
 	}
-	pv, err := r.newPV(ctx, pvc, class, node)
-	if err != nil || pv == nil {
+	node := &corev1.Node{}
+	if err := r.Get(ctx, client.ObjectKey{Name: nodeName}, node); err != nil {
+		return ctrl.Result{}, fmt.Errorf("reading selected node %s: %w", nodeName, err)
+	}
+	if err := r.checkClass(pvc, class); err != nil {
+		return ctrl.Result{}, err
+	}
+	vc, err := r.volumeContext(ctx, pvc, class)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
+	pv, err := newPV(pvc, class, node, vc)
+	if err != nil {
 		return ctrl.Result{}, err
 	}
 	if err := r.Create(ctx, pv); err != nil && !apierrors.IsAlreadyExists(err) {
 		return ctrl.Result{}, fmt.Errorf("creating PV %s: %w", pv.Name, err)
 	}
-	attrs := pv.Spec.CSI.VolumeAttributes
-	logf.FromContext(ctx).Info("Provisioned volume", "persistentVolume", klog.KObj(pv), "node", klog.KRef("", node),
-		"kind", attrs[v1alpha1.AttrKind], "cache", attrs[v1alpha1.AttrCache], "write", attrs[v1alpha1.AttrWrite])
-	r.Recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonProvisioned, "Provisioned %s on node %s (%s)", pv.Name, node, describe(attrs))
+	logf.FromContext(ctx).Info("Provisioned volume", "persistentVolume", klog.KObj(pv), "node", klog.KRef("", nodeName),
+		"kind", vc.Kind, "cache", vc.Cache, "write", vc.Write)
+	r.Recorder.Eventf(pvc, corev1.EventTypeNormal, ReasonProvisioned, "Provisioned %s on node %s (%s)", pv.Name, nodeName, describe(vc))
 	return ctrl.Result{}, nil
 }
 
-// checkRestoreFrom checks a claim's fallback caches: DNS-1123 labels,
-// other than its own cache.
-func checkRestoreFrom(list, cache string) error {
-	for _, f := range strings.Split(list, ",") {
-		if len(validation.IsDNS1123Label(f)) > 0 || f == cache {
-			return fmt.Errorf("fallback cache %q must be a DNS-1123 label other than the claim's cache", f)
-		}
+// checkClass refuses classes whose reclaim policy is not Delete: the node
+// agent removes a volume's data, and then its PV, once the volume is
+// released, so a Retain (or Recycle) class would promise what never
+// happens.
+func (r *Provisioner) checkClass(pvc *corev1.PersistentVolumeClaim, class *storagev1.StorageClass) error {
+	if class.ReclaimPolicy == nil || *class.ReclaimPolicy == corev1.PersistentVolumeReclaimDelete {
+		return nil
 	}
-	return nil
+	r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonProvisionError,
+		"StorageClass %s: reclaimPolicy %s is not supported, only Delete (a volume's data is removed when it is released): no volume is provisioned",
+		class.Name, *class.ReclaimPolicy)
+	return reconcile.TerminalError(fmt.Errorf("StorageClass %s: reclaim policy %s", class.Name, *class.ReclaimPolicy))
 }
 
-func describe(attrs map[string]string) string {
-	if attrs[v1alpha1.AttrKind] == v1alpha1.KindHostDir {
+// volumeContext decides what the claim's volume is: its kind, its cache
+// and fallbacks (checked), and whether it may be committed (the trust
+// decision, whose refusal is told to the claim and its pod).
+func (r *Provisioner) volumeContext(ctx context.Context, pvc *corev1.PersistentVolumeClaim, class *storagev1.StorageClass) (v1alpha1.VolumeContext, error) {
+	vc := v1alpha1.VolumeContext{Kind: class.Parameters[v1alpha1.ParameterKind], Namespace: pvc.Namespace}
+	switch vc.Kind {
+	case v1alpha1.KindHostDir:
+		return vc, nil
+	case v1alpha1.KindCache, "":
+		vc.Kind = v1alpha1.KindCache
+	default:
+		r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonProvisionError, "StorageClass %s: parameter %s=%q must be %q or %q",
+			class.Name, v1alpha1.ParameterKind, vc.Kind, v1alpha1.KindCache, v1alpha1.KindHostDir)
+		return vc, reconcile.TerminalError(fmt.Errorf("unknown kind %q", vc.Kind))
+	}
+	vc.Cache = pvc.Labels[v1alpha1.LabelCache]
+	if errs := validation.IsDNS1123Label(vc.Cache); len(errs) > 0 {
+		r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonInvalidCache,
+			"Label %s=%q must be a DNS-1123 label: no volume is provisioned", v1alpha1.LabelCache, vc.Cache)
+		return vc, reconcile.TerminalError(fmt.Errorf("invalid cache name %q", vc.Cache))
+	}
+	if list, ok := pvc.Annotations[v1alpha1.AnnotationRestoreFrom]; ok {
+		from, err := v1alpha1.ParseRestoreFrom(list, vc.Cache)
+		if err != nil {
+			r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonInvalidCache, "Annotation %s=%q: %s: no volume is provisioned", v1alpha1.AnnotationRestoreFrom, list, err)
+			return vc, reconcile.TerminalError(err)
+		}
+		vc.RestoreFrom = from
+	}
+	d, err := decideWrite(ctx, r.Client, pvc, vc.Cache)
+	if err != nil {
+		return vc, err
+	}
+	vc.Write = d.allowed
+	if d.pod != nil {
+		vc.PodUID = string(d.pod.UID)
+	}
+	if d.reason != "" {
+		r.Recorder.Event(pvc, corev1.EventTypeWarning, d.reason, d.message)
+		if d.pod != nil {
+			r.Recorder.Event(d.pod, corev1.EventTypeWarning, d.reason, d.message)
+		}
+	}
+	return vc, nil
+}
+
+func describe(vc v1alpha1.VolumeContext) string {
+	if vc.Kind == v1alpha1.KindHostDir {
 		return "host directory"
 	}
-	what := "cache " + attrs[v1alpha1.AttrCache]
-	if from := attrs[v1alpha1.AttrRestoreFrom]; from != "" {
-		what += ", falling back to " + from
+	what := "cache " + vc.Cache
+	if len(vc.RestoreFrom) > 0 {
+		what += ", falling back to " + strings.Join(vc.RestoreFrom, ",")
 	}
-	if attrs[v1alpha1.AttrWrite] == "true" {
+	if vc.Write {
 		return what + ", commits allowed"
 	}
 	return what + ", read-only"
 }
 
-func (r *Provisioner) newPV(ctx context.Context, pvc *corev1.PersistentVolumeClaim, class *storagev1.StorageClass, nodeName string) (*corev1.PersistentVolume, error) {
-	kind := class.Parameters[v1alpha1.ParameterKind]
-	if kind == "" {
-		kind = v1alpha1.KindCache
-	}
-	attrs := map[string]string{v1alpha1.AttrKind: kind, v1alpha1.AttrNamespace: pvc.Namespace, v1alpha1.AttrWrite: "false"}
-	switch kind {
-	case v1alpha1.KindHostDir:
-	case v1alpha1.KindCache:
-		cache := pvc.Labels[v1alpha1.LabelCache]
-		if errs := validation.IsDNS1123Label(cache); len(errs) > 0 {
-			r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonInvalidCache,
-				"Label %s=%q must be a DNS-1123 label: no volume is provisioned", v1alpha1.LabelCache, cache)
-			return nil, reconcile.TerminalError(fmt.Errorf("invalid cache name %q", cache))
-		}
-		attrs[v1alpha1.AttrCache] = cache
-		if from, ok := pvc.Annotations[v1alpha1.AnnotationRestoreFrom]; ok {
-			if err := checkRestoreFrom(from, cache); err != nil {
-				r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonInvalidCache, "Annotation %s=%q: %s: no volume is provisioned", v1alpha1.AnnotationRestoreFrom, from, err)
-				return nil, reconcile.TerminalError(err)
-			}
-			attrs[v1alpha1.AttrRestoreFrom] = from
-		}
-		d, err := decideWrite(ctx, r.Client, pvc, cache)
-		if err != nil {
-			return nil, err
-		}
-		attrs[v1alpha1.AttrWrite] = strconv.FormatBool(d.allowed)
-		if d.pod != nil {
-			attrs[v1alpha1.AttrPodUID] = string(d.pod.UID)
-		}
-		if d.reason != "" {
-			r.Recorder.Event(pvc, corev1.EventTypeWarning, d.reason, d.message)
-			if d.pod != nil {
-				r.Recorder.Event(d.pod, corev1.EventTypeWarning, d.reason, d.message)
-			}
-		}
-	default:
-		r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonProvisionError, "StorageClass %s: parameter %s=%q must be %q or %q",
-			class.Name, v1alpha1.ParameterKind, kind, v1alpha1.KindCache, v1alpha1.KindHostDir)
-		return nil, reconcile.TerminalError(fmt.Errorf("unknown kind %q", kind))
-	}
-
-	node := &corev1.Node{}
-	if err := r.Get(ctx, client.ObjectKey{Name: nodeName}, node); err != nil {
-		return nil, fmt.Errorf("reading selected node %s: %w", nodeName, err)
-	}
+// newPV is the PV of claim pvc of class on node, for the volume context
+// decided: a CSI PV pinned to the node, held by the node agent's finalizer.
+func newPV(pvc *corev1.PersistentVolumeClaim, class *storagev1.StorageClass, node *corev1.Node, vc v1alpha1.VolumeContext) (*corev1.PersistentVolume, error) {
 	hostname := node.Labels[corev1.LabelHostname]
 	if hostname == "" {
-		return nil, reconcile.TerminalError(fmt.Errorf("node %s has no %s label", nodeName, corev1.LabelHostname))
-	}
-	reclaim := corev1.PersistentVolumeReclaimDelete
-	if class.ReclaimPolicy != nil {
-		reclaim = *class.ReclaimPolicy
+		return nil, reconcile.TerminalError(fmt.Errorf("node %s has no %s label", node.Name, corev1.LabelHostname))
 	}
 	mode := corev1.PersistentVolumeFilesystem
 	return &corev1.PersistentVolume{
 		ObjectMeta: metav1.ObjectMeta{
 			Name:        PVName(pvc),
-			Labels:      map[string]string{v1alpha1.LabelNode: v1alpha1.NodeLabelValue(nodeName)},
+			Labels:      map[string]string{v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node.Name)},
 			Annotations: map[string]string{AnnotationProvisionedBy: v1alpha1.DriverName},
 			Finalizers:  []string{v1alpha1.FinalizerNode},
 		},
 		Spec: corev1.PersistentVolumeSpec{
 			Capacity:                      corev1.ResourceList{corev1.ResourceStorage: pvc.Spec.Resources.Requests[corev1.ResourceStorage]},
 			AccessModes:                   pvc.Spec.AccessModes,
-			PersistentVolumeReclaimPolicy: reclaim,
+			PersistentVolumeReclaimPolicy: corev1.PersistentVolumeReclaimDelete,
 			StorageClassName:              class.Name,
 			VolumeMode:                    &mode,
 			ClaimRef: &corev1.ObjectReference{
@@ -187,7 +199,7 @@ func (r *Provisioner) newPV(ctx context.Context, pvc *corev1.PersistentVolumeCla
 				Namespace: pvc.Namespace, Name: pvc.Name, UID: pvc.UID,
 			},
 			PersistentVolumeSource: corev1.PersistentVolumeSource{CSI: &corev1.CSIPersistentVolumeSource{
-				Driver: v1alpha1.DriverName, VolumeHandle: PVName(pvc), VolumeAttributes: attrs,
+				Driver: v1alpha1.DriverName, VolumeHandle: PVName(pvc), VolumeAttributes: vc.Attributes(),
 			}},
 			NodeAffinity: &corev1.VolumeNodeAffinity{Required: &corev1.NodeSelector{NodeSelectorTerms: []corev1.NodeSelectorTerm{{
 				MatchExpressions: []corev1.NodeSelectorRequirement{{

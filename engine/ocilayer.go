@@ -31,13 +31,19 @@ const (
 // archive holds (not about reading it or the disk).
 var ErrUnsafeLayer = errors.New("unsafe layer")
 
+// ErrNotEncodable is wrapped by the errors of WriteLayerTar about what the
+// layer holds that an OCI layer cannot carry (a device file, a name
+// starting with ".wh."): writing it again will fail again.
+var ErrNotEncodable = errors.New("cannot be carried in an OCI layer")
+
 // WriteLayerTar writes layer id of cache k to w as an OCI layer tar: files,
 // directories, symlinks, hard links (within the layer), FIFOs, their modes,
 // owners and modification times, with overlay whiteouts and opaque
 // directories as OCI whiteouts. The same layer gives the same bytes
 // (entries sorted, no access or change times, no user or group names), so
-// its digest is stable. A layer holding a device file (other than a
-// whiteout) or a socket cannot be written.
+// its digest is stable. Sockets are left out. A layer holding a device
+// file (other than a whiteout) or a name starting with ".wh." cannot be
+// written (ErrNotEncodable).
 func (s *Store) WriteLayerTar(k Key, id string, w io.Writer) error {
 	if err := k.Validate(); err != nil {
 		return err
@@ -96,7 +102,7 @@ func (lw *layerWriter) dir(d *dir, rel string) error {
 	slices.Sort(names)
 	for _, name := range names {
 		if strings.HasPrefix(name, ociWhiteoutPrefix) {
-			return fmt.Errorf("%s: a name starting with %q cannot be carried in an OCI layer", path.Join(rel, name), ociWhiteoutPrefix)
+			return fmt.Errorf("%s: a name starting with %q: %w", path.Join(rel, name), ociWhiteoutPrefix, ErrNotEncodable)
 		}
 		st, err := d.lstat(name)
 		if err != nil {
@@ -157,14 +163,19 @@ func (lw *layerWriter) entry(d *dir, rel, name string, st *unix.Stat_t) error {
 		return lw.tw.WriteHeader(h)
 	case unix.S_IFCHR:
 		if st.Rdev != 0 {
-			return fmt.Errorf("%s is a device file", p)
+			return fmt.Errorf("%s is a device file: %w", p, ErrNotEncodable)
 		}
 		return lw.tw.WriteHeader(&tar.Header{Name: path.Join(rel, ociWhiteoutPrefix+name), Typeflag: tar.TypeReg, Format: tar.FormatPAX})
 	case unix.S_IFIFO:
 		h.Typeflag = tar.TypeFifo
 		return lw.tw.WriteHeader(h)
+	case unix.S_IFSOCK:
+		// A socket means nothing without the process that listened on it
+		// (a build tool's agent left it behind): it is not carried, as
+		// tar and container image builders leave sockets out.
+		return nil
 	default:
-		return fmt.Errorf("%s is a device file or a socket", p)
+		return fmt.Errorf("%s is a device file: %w", p, ErrNotEncodable)
 	}
 }
 

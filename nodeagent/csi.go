@@ -8,9 +8,7 @@ package nodeagent
 import (
 	"context"
 	"errors"
-	"fmt"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -46,7 +44,7 @@ type Driver struct {
 	NodeName string
 	// Sync, if set, brings a cache's newest image down from the registry
 	// before the first volume of it on a node that is behind.
-	Sync *Syncer
+	Sync *RegistrySyncer
 }
 
 // GetPluginInfo implements csi.IdentityServer.
@@ -90,63 +88,28 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if req.GetVolumeCapability().GetMount() == nil {
 		return nil, status.Error(codes.InvalidArgument, "only filesystem volumes are supported (no block volumes)")
 	}
-	attrs := req.GetVolumeContext()
+	vc, err := v1alpha1.ParseVolumeContext(req.GetVolumeContext())
+	if err != nil {
+		return nil, status.Error(codes.InvalidArgument, err.Error())
+	}
 	log := logf.FromContext(ctx).WithValues("volume", id, "target", target)
 	start := time.Now()
-	switch attrs[v1alpha1.AttrKind] {
-	case v1alpha1.KindHostDir:
+	if vc.Kind == v1alpha1.KindHostDir {
 		if err := d.Store.CreateHostDir(id); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}
 		if err := d.Store.MountHostDir(id, target); err != nil {
 			return nil, status.Error(codes.Internal, err.Error())
 		}
-	case v1alpha1.KindCache, "":
-		key := engine.Key{Namespace: attrs[v1alpha1.AttrNamespace], Name: attrs[v1alpha1.AttrCache]}
-		if err := key.Validate(); err != nil {
-			return nil, status.Error(codes.InvalidArgument, err.Error())
-		}
-		write := attrs[v1alpha1.AttrWrite] == "true"
-		owner, pod := attrs[v1alpha1.AttrPodUID], req.GetVolumeContext()[podUIDKey]
-		// A volume that may be committed is mounted for its own pod only.
-		// Fail closed: without both UIDs (a PV without an owner, a kubelet
-		// that passes no pod info) nobody can tell whose it is.
-		if write && (owner == "" || pod == "" || owner != pod) {
-			return nil, status.Errorf(codes.PermissionDenied, "volume %s may be committed and belongs to pod %q, not %q", id, owner, pod)
-		}
-		from, err := fallbacks(key.Namespace, attrs[v1alpha1.AttrRestoreFrom])
+	} else {
+		v, err := d.publishCacheVolume(ctx, id, target, vc, req.GetVolumeContext())
 		if err != nil {
-			return nil, status.Error(codes.InvalidArgument, err.Error())
+			return nil, err
 		}
-		if _, err := d.Store.Volume(id); errors.Is(err, engine.ErrNotFound) {
-			d.beforeVolume(ctx, key, from)
-		}
-		v, err := d.Store.CreateVolume(id, key, engine.VolumeOptions{Writable: write, From: from, Labels: map[string]string{
-			LabelPod: attrs[podNamespaceKey] + "/" + attrs[podNameKey], v1alpha1.AttrPodUID: pod,
-		}})
-		if errors.Is(err, engine.ErrConflict) {
-			return nil, status.Error(codes.AlreadyExists, err.Error())
-		}
-		if err != nil {
-			return nil, status.Error(codes.Internal, err.Error())
-		}
-		if err := d.Store.Mount(id, target); err != nil {
-			return nil, status.Error(codes.Internal, err.Error())
-		}
-		start := "cold"
-		switch {
-		case v.From != nil:
-			start = "fallback"
-		case v.Generation > 0:
-			start = "warm"
-		}
-		volumeStarts.WithLabelValues(start).Inc()
-		log = log.WithValues("cache", cacheRef(key), "generation", v.Generation, "layers", len(v.Layers), "write", write)
+		log = log.WithValues("cache", cacheRef(v.Cache), "generation", v.Generation, "layers", len(v.Layers), "write", vc.Write)
 		if v.From != nil {
 			log = log.WithValues("fallback", cacheRef(*v.From))
 		}
-	default:
-		return nil, status.Errorf(codes.InvalidArgument, "unknown volume kind %q", attrs[v1alpha1.AttrKind])
 	}
 	if req.GetReadonly() {
 		if err := unix.Mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_RDONLY, ""); err != nil {
@@ -158,21 +121,45 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	return &csi.NodePublishVolumeResponse{}, nil
 }
 
-// fallbacks reads a volume's fallback caches ("NAME,NAME", in the
-// volume's namespace).
-func fallbacks(namespace, list string) ([]engine.Key, error) {
-	if list == "" {
-		return nil, nil
+// publishCacheVolume creates (if new: after bringing the cache down from
+// the registry if the node is behind) and mounts cache volume id.
+func (d *Driver) publishCacheVolume(ctx context.Context, id, target string, vc v1alpha1.VolumeContext, podInfo map[string]string) (*engine.Volume, error) {
+	key := engine.Key{Namespace: vc.Namespace, Name: vc.Cache}
+	// A volume that may be committed is mounted for its own pod only. Fail
+	// closed: without both UIDs (a PV without an owner, a kubelet that
+	// passes no pod info) nobody can tell whose it is.
+	pod := podInfo[podUIDKey]
+	if vc.Write && (vc.PodUID == "" || pod == "" || vc.PodUID != pod) {
+		return nil, status.Errorf(codes.PermissionDenied, "volume %s may be committed and belongs to pod %q, not %q", id, vc.PodUID, pod)
 	}
-	var keys []engine.Key
-	for _, name := range strings.Split(list, ",") {
-		k := engine.Key{Namespace: namespace, Name: name}
-		if err := k.Validate(); err != nil {
-			return nil, fmt.Errorf("volume attribute %s: %w", v1alpha1.AttrRestoreFrom, err)
-		}
-		keys = append(keys, k)
+	var from []engine.Key
+	for _, name := range vc.RestoreFrom {
+		from = append(from, engine.Key{Namespace: vc.Namespace, Name: name})
 	}
-	return keys, nil
+	if _, err := d.Store.Volume(id); errors.Is(err, engine.ErrNotFound) {
+		d.beforeVolume(ctx, key, from)
+	}
+	v, err := d.Store.CreateVolume(id, key, engine.VolumeOptions{Writable: vc.Write, From: from, Labels: map[string]string{
+		LabelPod: podInfo[podNamespaceKey] + "/" + podInfo[podNameKey], v1alpha1.AttrPodUID: pod,
+	}})
+	if errors.Is(err, engine.ErrConflict) {
+		return nil, status.Error(codes.AlreadyExists, err.Error())
+	}
+	if err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	if err := d.Store.Mount(id, target); err != nil {
+		return nil, status.Error(codes.Internal, err.Error())
+	}
+	start := "cold"
+	switch {
+	case v.From != nil:
+		start = "fallback"
+	case v.Generation > 0:
+		start = "warm"
+	}
+	volumeStarts.WithLabelValues(start).Inc()
+	return v, nil
 }
 
 // beforeVolume brings the cache's newest image down if the node is behind

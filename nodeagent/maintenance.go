@@ -9,6 +9,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/client-go/tools/record"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 
@@ -26,10 +27,15 @@ const defaultOrphanGrace = time.Minute
 type Maintenance struct {
 	// APIReader reads PVs directly (the cache holds only live ones).
 	APIReader client.Reader
-	Store     *engine.Store
-	Caches    *CacheReconciler
-	Compact   <-chan engine.Key
-	Interval  time.Duration
+	// Client records events on Caches; Recorder records them.
+	Client   client.Client
+	Recorder record.EventRecorder
+	NodeName string
+	Store    *engine.Store
+	// Reports has the caches that maintenance changed reported.
+	Reports  *Reports
+	Compact  <-chan engine.Key
+	Interval time.Duration
 	// DiskBudget, if positive, is the most bytes the node's caches may use.
 	DiskBudget int64
 	// OrphanGrace is how old a volume without a PV must be to be removed
@@ -70,9 +76,7 @@ func (m *Maintenance) compact(ctx context.Context, key engine.Key) {
 	}
 	if res.Compacted {
 		logf.FromContext(ctx).Info("Compacted", "cache", cacheRef(key), "from", res.From, "generation", res.Generation)
-		if err := ensureCacheAndReport(ctx, m.Caches.Client, m.Store, m.Caches.NodeName, key); err != nil {
-			logf.FromContext(ctx).Error(err, "Reporting the cache failed", "cache", cacheRef(key))
-		}
+		m.Reports.EnqueueMeasured(key)
 	}
 }
 
@@ -85,8 +89,8 @@ func (m *Maintenance) compact(ctx context.Context, key engine.Key) {
 // a volume still uses stays. The store records the Node's UID.
 func (m *Maintenance) ForgetIfReplaced(ctx context.Context) error {
 	node := &corev1.Node{}
-	if err := m.APIReader.Get(ctx, client.ObjectKey{Name: m.Caches.NodeName}, node); err != nil {
-		return fmt.Errorf("reading node %s: %w", m.Caches.NodeName, err)
+	if err := m.APIReader.Get(ctx, client.ObjectKey{Name: m.NodeName}, node); err != nil {
+		return fmt.Errorf("reading node %s: %w", m.NodeName, err)
 	}
 	owner, err := m.Store.Owner()
 	if err != nil || owner == string(node.UID) {
@@ -127,12 +131,11 @@ func (m *Maintenance) Pass(ctx context.Context) {
 	} else if res != (engine.GCResult{}) {
 		log.Info("GC", "layers", res.Layers, "generations", res.Generations, "caches", res.Caches, "temporary", res.Temporary)
 	}
-	// Sizes change when GC frees layers: report them here, not on every
-	// Cache event.
+	// Sizes change when GC frees layers: have them measured here, not on
+	// every NodeCache event. At start, this also reports what a restart
+	// interrupted.
 	for _, k := range keys {
-		if err := ensureCacheAndReport(ctx, m.Caches.Client, m.Store, m.Caches.NodeName, k); err != nil {
-			log.Error(err, "Reporting the cache failed", "cache", cacheRef(k))
-		}
+		m.Reports.EnqueueMeasured(k)
 	}
 	if m.DiskBudget > 0 {
 		if err := m.enforceBudget(ctx, keys); err != nil {
@@ -219,10 +222,16 @@ func (m *Maintenance) enforceBudget(ctx context.Context, keys []engine.Key) erro
 		if e.inUse {
 			continue
 		}
-		why := fmt.Sprintf("least recently used while the node's caches exceed the disk budget (%d > %d bytes)", total, m.DiskBudget)
-		if err := m.Caches.EvictKey(ctx, e.key, why); err != nil {
+		// The engine checks again, under the cache's lock, that no volume
+		// uses it: one created since the listing keeps it.
+		if err := m.Store.EvictIfIdle(e.key, 0); errors.Is(err, engine.ErrInUse) || errors.Is(err, engine.ErrNotFound) {
+			continue
+		} else if err != nil {
 			return err
 		}
+		evicted(ctx, m.Client, m.Recorder, m.NodeName, e.key,
+			fmt.Sprintf("least recently used while the node's caches exceed the disk budget (%d > %d bytes)", total, m.DiskBudget))
+		m.Reports.Enqueue(e.key) // its NodeCache is withdrawn
 		total -= e.bytes
 	}
 	return nil

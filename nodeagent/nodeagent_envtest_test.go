@@ -66,9 +66,9 @@ func startNodeWith(t *testing.T, set func(*Options)) *nodeSuite {
 		t.Fatal(err)
 	}
 	ctx := testenv.RunManager(t, mgr)
-	caches := &CacheReconciler{Client: env.Client, Store: store, NodeName: "node-a", Recorder: mgr.GetEventRecorderFor("test")}
-	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"}, rec: mgr.GetEventRecorderFor("test"), cfg: env.Config,
-		maint: &Maintenance{APIReader: env.Client, Store: store, Caches: caches, Interval: time.Hour, OrphanGrace: time.Nanosecond}}
+	rec := mgr.GetEventRecorderFor("test")
+	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"}, rec: rec, cfg: env.Config,
+		maint: &Maintenance{APIReader: env.Client, Client: env.Client, Recorder: rec, NodeName: "node-a", Store: store, Interval: time.Hour, OrphanGrace: time.Nanosecond}}
 }
 
 func (s *nodeSuite) namespace() string {

@@ -45,7 +45,7 @@ func TestOneNodesCommitWakesNoOtherNode(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b := &countingReconciler{Reconciler: &CacheReconciler{Client: mgr.GetClient(), Store: storeB, NodeName: "node-b", Recorder: mgr.GetEventRecorderFor("b")}}
+	b := &countingReconciler{Reconciler: &NodeCacheReconciler{Client: mgr.GetClient(), Store: storeB, NodeName: "node-b", Recorder: mgr.GetEventRecorderFor("b")}}
 	if err := ctrl.NewControllerManagedBy(mgr).Named("nodecache").For(&v1alpha1.NodeCache{}).Complete(b); err != nil {
 		t.Fatal(err)
 	}

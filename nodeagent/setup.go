@@ -35,6 +35,9 @@ type Options struct {
 	// registry.DefaultPullTimeout).
 	Registry    *registry.Client
 	PullTimeout time.Duration
+	// Reports is the queue of the NodeCache reconciler (nil: a new one);
+	// tests that drive a Driver of their own share it.
+	Reports *Reports
 }
 
 // CacheOptions restricts a node agent's cache, hence what it watches and
@@ -64,21 +67,26 @@ func Setup(mgr manager.Manager, opts Options) error {
 	}
 	compact := make(chan engine.Key, 64)
 	recorder := mgr.GetEventRecorderFor("layercache-node-" + v1alpha1.NodeLabelValue(opts.NodeName))
-	caches := &CacheReconciler{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Prefetching: opts.Registry != nil}
-	errs := []error{
-		(&VolumeReconciler{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Compact: compact}).SetupWithManager(mgr),
-		caches.SetupWithManager(mgr),
-		mgr.Add(&Maintenance{APIReader: mgr.GetAPIReader(), Store: opts.Store, Caches: caches, Compact: compact,
-			Interval: opts.MaintenanceInterval, DiskBudget: opts.DiskBudget}),
-		mgr.Add(&SizeLimiter{Client: mgr.GetClient(), Store: opts.Store, Recorder: recorder, Interval: opts.SizeCheckInterval}),
+	reports := opts.Reports
+	if reports == nil {
+		reports = NewReports(opts.NodeName)
 	}
-	var syncer *Syncer
+	c := mgr.GetClient()
+	errs := []error{
+		(&NodeCacheReconciler{Client: c, Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Reports: reports,
+			Prefetching: opts.Registry != nil}).SetupWithManager(mgr),
+		(&PVReconciler{Client: c, Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Compact: compact, Reports: reports}).SetupWithManager(mgr),
+		mgr.Add(&Maintenance{APIReader: mgr.GetAPIReader(), Client: c, Recorder: recorder, NodeName: opts.NodeName, Store: opts.Store,
+			Reports: reports, Compact: compact, Interval: opts.MaintenanceInterval, DiskBudget: opts.DiskBudget}),
+		mgr.Add(&SizeLimiter{Client: c, Store: opts.Store, Recorder: recorder, Interval: opts.SizeCheckInterval}),
+	}
+	var syncer *RegistrySyncer
 	if opts.Registry != nil {
 		if opts.PullTimeout <= 0 {
 			opts.PullTimeout = registry.DefaultPullTimeout
 		}
-		syncer = &Syncer{Client: mgr.GetClient(), Store: opts.Store, NodeName: opts.NodeName, Registry: opts.Registry,
-			Recorder: recorder, PullTimeout: opts.PullTimeout}
+		syncer = &RegistrySyncer{Client: c, Store: opts.Store, NodeName: opts.NodeName, Registry: opts.Registry,
+			Recorder: recorder, Reports: reports, PullTimeout: opts.PullTimeout}
 		errs = append(errs, syncer.SetupWithManager(mgr))
 	}
 	if opts.KubeletDir != "" {

@@ -60,12 +60,13 @@ func TestCachesFollowBuildsThroughTheRegistry(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	reportsB := NewReports("node-b")
 	if err := Setup(mgrB, Options{NodeName: "node-b", Store: storeB, MaintenanceInterval: time.Hour, SizeCheckInterval: time.Hour,
-		Registry: rc, PullTimeout: 30 * time.Second}); err != nil {
+		Registry: rc, PullTimeout: 30 * time.Second, Reports: reportsB}); err != nil {
 		t.Fatal(err)
 	}
 	testenv.RunManager(t, mgrB)
-	syncB := &Syncer{Client: mgrB.GetClient(), Store: storeB, NodeName: "node-b", Registry: rc, Recorder: mgrB.GetEventRecorderFor("b"), PullTimeout: 30 * time.Second}
+	syncB := &RegistrySyncer{Client: mgrB.GetClient(), Store: storeB, NodeName: "node-b", Registry: rc, Recorder: mgrB.GetEventRecorderFor("b"), Reports: reportsB, PullTimeout: 30 * time.Second}
 	driverB := &Driver{Store: storeB, NodeName: "node-b", Sync: syncB}
 
 	ns := s.namespace()
@@ -179,7 +180,7 @@ func TestSlowRegistryNeverHoldsABuild(t *testing.T) {
 		t.Fatal(err)
 	}
 	const budget = 2 * time.Second
-	driver := &Driver{Store: s.store, NodeName: "node-a", Sync: &Syncer{Client: s.c, Store: s.store, NodeName: "node-a",
+	driver := &Driver{Store: s.store, NodeName: "node-a", Sync: &RegistrySyncer{Client: s.c, Store: s.store, NodeName: "node-a",
 		Registry: rc, Recorder: s.rec, PullTimeout: budget}}
 	target := filepath.Join(s.dir, "pods", "pvc-slow")
 	start := time.Now()

@@ -3,7 +3,6 @@ package webhook
 import (
 	"fmt"
 	"path"
-	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
@@ -45,8 +44,6 @@ type plan struct {
 	warnings    []string
 }
 
-// maxRestoreFrom bounds the fallback caches a pod may list.
-const maxRestoreFrom = 10
 
 // fieldError names the label or annotation at fault and the rule it breaks.
 type fieldError struct {
@@ -232,28 +229,12 @@ func volumeMountedAt(pod *corev1.Pod, at string) (string, error) {
 	return "", annotationError(v1alpha1.AnnotationVolumeAt, at, fmt.Sprintf("volume %q mounted there is not a volume of the pod", found))
 }
 
-// parseRestoreFrom reads "NAME[,NAME...]": caches of the pod's namespace,
-// not the pod's own cache, each once.
+// parseRestoreFrom reads AnnotationRestoreFrom with the contract's parser:
+// caches of the pod's namespace, not the pod's own cache, each once.
 func parseRestoreFrom(s, own string) ([]string, error) {
-	bad := func(rule string) error { return annotationError(v1alpha1.AnnotationRestoreFrom, s, rule) }
-	if strings.TrimSpace(s) == "" {
-		return nil, bad("must list cache names separated by commas")
-	}
-	var out []string
-	for _, item := range strings.Split(s, ",") {
-		name := strings.TrimSpace(item)
-		switch {
-		case len(validation.IsDNS1123Label(name)) > 0:
-			return nil, bad(fmt.Sprintf("cache name %q %s", name, dns1123Rule))
-		case name == own:
-			return nil, bad(fmt.Sprintf("names the pod's own cache %q", own))
-		case slices.Contains(out, name):
-			return nil, bad(fmt.Sprintf("names cache %q twice", name))
-		}
-		out = append(out, name)
-	}
-	if len(out) > maxRestoreFrom {
-		return nil, bad(fmt.Sprintf("lists %d caches, at most %d are allowed", len(out), maxRestoreFrom))
+	out, err := v1alpha1.ParseRestoreFrom(s, own)
+	if err != nil {
+		return nil, annotationError(v1alpha1.AnnotationRestoreFrom, s, err.Error())
 	}
 	return out, nil
 }

@@ -74,7 +74,7 @@ func TestMakePlanRejects(t *testing.T) {
 		{"restore-from empty", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: ""}, nil,
 			`annotation layercache.io/restore-from="": must list cache names`},
 		{"restore-from bad name", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "main,Main"}, nil, `cache name "Main" must be a DNS-1123 label`},
-		{"restore-from own cache", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "main, x"}, nil, `names the pod's own cache "x"`},
+		{"restore-from own cache", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "main, x"}, nil, `names the claim's own cache "x"`},
 		{"restore-from twice", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "main,main"}, nil, `names cache "main" twice`},
 		{"restore-from too many", cacheLabel("x"), map[string]string{v1alpha1.AnnotationRestoreFrom: "a,b,c,d,e,f,g,h,i,j,k"}, nil, `lists 11 caches, at most 10`},
 	}

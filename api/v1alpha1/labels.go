@@ -43,8 +43,8 @@ const (
 	// manager removes it once every claim the pod references exists, so
 	// that the scheduler never sees the pod before its claims.
 	SchedulingGate = "layercache.io/claims"
-	// AnnotationPodPhase is written on a PVC by the manager: the phase its
-	// pod ended in.
+	// AnnotationPodPhase is written on a PV by the manager: the phase its
+	// claim's pod ended in, which the node agent commits by.
 	AnnotationPodPhase = "layercache.io/pod-phase"
 
 	TrustRead  = "read"

@@ -40,14 +40,14 @@ const (
 	waitUnpublished = 2 * time.Second
 )
 
-// VolumeReconciler finishes the volumes of this node's PVs once they are
+// PVReconciler finishes the volumes of this node's PVs once they are
 // released (their claim deleted when the pod ended) and the kubelet has
 // unpublished them: it commits a cache volume if write was allowed and the
 // pod succeeded (or failed, with commit-on-failure), else discards it;
 // updates the Cache; removes the volume's data, its finalizer and the PV.
 // Everything it needs is on the PV and on disk, so it resumes after a
 // restart without committing twice or losing a commit.
-type VolumeReconciler struct {
+type PVReconciler struct {
 	client.Client
 	Store    *engine.Store
 	NodeName string
@@ -55,6 +55,8 @@ type VolumeReconciler struct {
 	// Compact receives caches to compact after a commit (off the commit
 	// path); may be nil.
 	Compact chan<- engine.Key
+	// Reports has a committed cache's NodeCache reported.
+	Reports *Reports
 }
 
 // +kubebuilder:rbac:groups="",resources=persistentvolumes,verbs=get;list;watch;update;patch;delete
@@ -63,12 +65,12 @@ type VolumeReconciler struct {
 
 // SetupWithManager registers the reconciler. The manager's cache holds only
 // this node's PVs (see CacheOptions).
-func (r *VolumeReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	return ctrl.NewControllerManagedBy(mgr).Named("volume").For(&corev1.PersistentVolume{}).Complete(r)
+func (r *PVReconciler) SetupWithManager(mgr ctrl.Manager) error {
+	return ctrl.NewControllerManagedBy(mgr).Named("persistentvolume").For(&corev1.PersistentVolume{}).Complete(r)
 }
 
 // Reconcile implements reconcile.Reconciler.
-func (r *VolumeReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+func (r *PVReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	pv := &corev1.PersistentVolume{}
 	if err := r.Get(ctx, req.NamespacedName, pv); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
@@ -112,7 +114,7 @@ func (r *VolumeReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctr
 	return ctrl.Result{}, nil
 }
 
-func (r *VolumeReconciler) published(pv *corev1.PersistentVolume) (bool, error) {
+func (r *PVReconciler) published(pv *corev1.PersistentVolume) (bool, error) {
 	var points []string
 	var err error
 	if pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrKind] == v1alpha1.KindHostDir {
@@ -123,14 +125,13 @@ func (r *VolumeReconciler) published(pv *corev1.PersistentVolume) (bool, error) 
 	return len(points) > 0, err
 }
 
-func (r *VolumeReconciler) finishCacheVolume(ctx context.Context, pv *corev1.PersistentVolume) error {
-	log := logf.FromContext(ctx)
-	attrs := pv.Spec.CSI.VolumeAttributes
-	key := engine.Key{Namespace: attrs[v1alpha1.AttrNamespace], Name: attrs[v1alpha1.AttrCache]}
-	if err := key.Validate(); err != nil {
-		log.Error(err, "PV names no valid cache: nothing to do", "persistentVolume", klog.KObj(pv))
+func (r *PVReconciler) finishCacheVolume(ctx context.Context, pv *corev1.PersistentVolume) error {
+	attrs, err := v1alpha1.ParseVolumeContext(pv.Spec.CSI.VolumeAttributes)
+	if err != nil {
+		logf.FromContext(ctx).Error(err, "PV names no valid cache: nothing to do", "persistentVolume", klog.KObj(pv))
 		return r.Store.Discard(pv.Name)
 	}
+	key := engine.Key{Namespace: attrs.Namespace, Name: attrs.Cache}
 	v, err := r.Store.Volume(pv.Name)
 	if errors.Is(err, engine.ErrNotFound) {
 		// Never published here, or finished before a restart or a failed
@@ -144,42 +145,55 @@ func (r *VolumeReconciler) finishCacheVolume(ctx context.Context, pv *corev1.Per
 	if err != nil {
 		return err
 	}
+	cache := &v1alpha1.Cache{}
+	if err := r.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, cache); apierrors.IsNotFound(err) {
+		cache = nil
+	} else if err != nil {
+		return err
+	}
+	if result, reason, message := commitDecision(r.NodeName, v, pv, cache); result != "" {
+		commits.WithLabelValues(result).Inc()
+		if reason != "" && cache != nil {
+			kind := corev1.EventTypeWarning
+			if reason == ReasonDiscarded {
+				kind = corev1.EventTypeNormal
+			}
+			r.Recorder.Event(cache, kind, reason, message)
+		}
+		return r.Store.Discard(pv.Name)
+	}
+	return r.commit(ctx, pv, key, v, cache)
+}
+
+// commitDecision says why volume v of pv must not be committed: the
+// result for the commits metric, and the event to tell the user (none for
+// a read-only volume). Empty: commit it.
+func commitDecision(node string, v *engine.Volume, pv *corev1.PersistentVolume, cache *v1alpha1.Cache) (result, reason, message string) {
 	phase := pv.Annotations[v1alpha1.AnnotationPodPhase]
 	commitOnFailure := pv.Annotations[v1alpha1.AnnotationCommitOnFailure] == "true"
 	ok := phase == string(corev1.PodSucceeded) || (phase == string(corev1.PodFailed) && commitOnFailure)
-	cache := &v1alpha1.Cache{}
-	cacheErr := r.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, cache)
-	if cacheErr != nil && !apierrors.IsNotFound(cacheErr) {
-		return cacheErr
-	}
-	found := cacheErr == nil
 	pod := v.Labels[LabelPod]
 	switch {
 	case !v.Writable:
-		commits.WithLabelValues("denied").Inc()
-		return r.Store.Discard(pv.Name)
+		return "denied", "", ""
 	case v.NoCommit != "":
-		commits.WithLabelValues("refused").Inc()
-		if found {
-			r.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonCommitRefused, "Writes of %s discarded on node %s: %s", pod, r.NodeName, v.NoCommit)
-		}
-		return r.Store.Discard(pv.Name)
+		return "refused", ReasonCommitRefused, fmt.Sprintf("Writes of %s discarded on node %s: %s", pod, node, v.NoCommit)
 	case !ok:
-		commits.WithLabelValues("discarded").Inc()
-		if found {
-			r.Recorder.Eventf(cache, corev1.EventTypeNormal, ReasonDiscarded, "Writes of %s discarded: its pod ended %s", pod, orUnknown(phase))
-		}
-		return r.Store.Discard(pv.Name)
-	case found && cache.Spec.ReadOnly:
-		commits.WithLabelValues("denied").Inc()
-		r.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonCommitDenied, "Writes of %s discarded: the cache is read-only (spec.readOnly)", pod)
-		return r.Store.Discard(pv.Name)
+		return "discarded", ReasonDiscarded, fmt.Sprintf("Writes of %s discarded: its pod ended %s", pod, orUnknown(phase))
+	case cache != nil && cache.Spec.ReadOnly:
+		return "denied", ReasonCommitDenied, fmt.Sprintf("Writes of %s discarded: the cache is read-only (spec.readOnly)", pod)
 	}
+	return "", "", ""
+}
 
+// commit commits volume v within the Cache's spec.maxSize (cache may be
+// nil: no Cache yet), and has the commit reported.
+func (r *PVReconciler) commit(ctx context.Context, pv *corev1.PersistentVolume, key engine.Key, v *engine.Volume, cache *v1alpha1.Cache) error {
 	var opts engine.CommitOptions
-	if found && cache.Spec.MaxSize != nil {
+	if cache != nil && cache.Spec.MaxSize != nil {
 		opts.MaxBytes = cache.Spec.MaxSize.Value()
 	}
+	pod := v.Labels[LabelPod]
 	start := time.Now()
 	res, err := r.Store.CommitWith(pv.Name, opts)
 	if size := (*engine.SizeError)(nil); errors.As(err, &size) {
@@ -191,7 +205,7 @@ func (r *VolumeReconciler) finishCacheVolume(ctx context.Context, pv *corev1.Per
 	}
 	if err != nil {
 		commits.WithLabelValues("failed").Inc()
-		if found {
+		if cache != nil {
 			r.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonCommitFailed, "Committing the writes of %s on node %s failed: %s", pod, r.NodeName, err)
 		}
 		return fmt.Errorf("committing volume %s: %w", pv.Name, err)
@@ -202,29 +216,28 @@ func (r *VolumeReconciler) finishCacheVolume(ctx context.Context, pv *corev1.Per
 		return nil // nothing written
 	}
 	commits.WithLabelValues("committed").Inc()
-	log.Info("Committed", "cache", cacheRef(key), "generation", res.Generation, "layers", res.ChainLength, "pod", pod)
+	logf.FromContext(ctx).Info("Committed", "cache", cacheRef(key), "generation", res.Generation, "id", res.ID, "layers", res.ChainLength, "pod", pod)
 	if r.Compact != nil {
 		select {
 		case r.Compact <- key:
 		default: // the compactor is busy; the periodic pass will get to it
 		}
 	}
-	// If this fails, the retry finds the volume gone and the generation
-	// it committed on disk, and reports it then.
 	return r.reportCommit(ctx, key, res.Generation, res.ChainLength, pod)
 }
 
-// reportCommit puts this node's new state in the Cache's status and tells
-// the user about the commit. Both are idempotent.
-func (r *VolumeReconciler) reportCommit(ctx context.Context, key engine.Key, generation int64, layers int, pod string) error {
-	if err := ensureCacheAndReport(ctx, r.Client, r.Store, r.NodeName, key); err != nil {
+// reportCommit creates the Cache at its first commit, tells the user about
+// the commit, and has this node's new state reported (by the NodeCache
+// reconciler). If it fails, the retry finds the volume gone and the
+// generation it committed on disk, and reports it then.
+func (r *PVReconciler) reportCommit(ctx context.Context, key engine.Key, generation int64, layers int, pod string) error {
+	cache, err := ensureCache(ctx, r.Client, key)
+	if err != nil {
 		return fmt.Errorf("reporting the commit of generation %d of %s: %w", generation, key, err)
 	}
-	cache := &v1alpha1.Cache{}
-	if err := r.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, cache); err == nil {
-		r.Recorder.Eventf(cache, corev1.EventTypeNormal, ReasonCommitted, "Node %s: generation %d committed by %s (%d layers)",
-			r.NodeName, generation, pod, layers)
-	}
+	r.Reports.Enqueue(key)
+	r.Recorder.Eventf(cache, corev1.EventTypeNormal, ReasonCommitted, "Node %s: generation %d committed by %s (%d layers)",
+		r.NodeName, generation, pod, layers)
 	return nil
 }
 

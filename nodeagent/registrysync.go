@@ -9,12 +9,12 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
@@ -41,36 +41,36 @@ const (
 	maxImportEntries      = 10_000_000
 )
 
-// Syncer keeps this node's caches in step with the registry: it pushes
-// the node's trusted commits (a commit is the only way content gets into
-// a cache, and only trusted pods' volumes are committed), pulls the
+// RegistrySyncer reconciles this node's NodeCaches with the registry: it
+// pushes the node's trusted commits (a commit is the only way content gets
+// into a cache, and only trusted pods' volumes are committed), pulls the
 // newest pushed generation when a volume is set up on a node that is
 // behind, and prefetches it in the background on the nodes that hold the
-// cache. It is the reconciler of this node's NodeCaches for that, apart
-// from CacheReconciler: a push or a pull may take minutes and must hold
-// up neither evictions nor deletions.
-type Syncer struct {
+// cache. It is a controller of its own beside the NodeCacheReconciler: a
+// push or a pull may take minutes and must hold up neither evictions nor
+// deletions. It writes no status: it records pushes in the engine, and
+// enqueues the NodeCache's report.
+type RegistrySyncer struct {
 	client.Client
 	Store    *engine.Store
 	NodeName string
 	Registry *registry.Client
 	Recorder record.EventRecorder
+	Reports  *Reports
 	// PullTimeout bounds a pull on a volume's setup.
 	PullTimeout time.Duration
 
-	mu     sync.Mutex
-	locks  map[engine.Key]chan struct{}
-	pushed map[engine.Key]int64 // the generation last pushed, per cache
-}
-
-func (s *Syncer) pushedGeneration(key engine.Key) int64 {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.pushed[key]
+	mu    sync.Mutex
+	locks map[engine.Key]chan struct{}
+	// refused holds the identities of generations that can never be
+	// pushed (they hold what an OCI layer cannot carry): each is reported
+	// once and not tried again. An identity never comes back, so a later
+	// commit is tried.
+	refused map[string]bool
 }
 
 // SetupWithManager registers the reconciler.
-func (s *Syncer) SetupWithManager(mgr ctrl.Manager) error {
+func (s *RegistrySyncer) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).Named("registrysync").For(&v1alpha1.NodeCache{}).
 		WithOptions(controller.Options{MaxConcurrentReconciles: 2}).Complete(s)
 }
@@ -79,7 +79,7 @@ func (s *Syncer) SetupWithManager(mgr ctrl.Manager) error {
 // and has not pushed, then bring down the Cache's newest image if this
 // node is behind. Failures are retried with the controller's backoff, and
 // after a restart every NodeCache is reconciled again.
-func (s *Syncer) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
+func (s *RegistrySyncer) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
 	nc := &v1alpha1.NodeCache{}
 	if err := s.Get(ctx, req.NamespacedName, nc); err != nil {
 		return ctrl.Result{}, client.IgnoreNotFound(err)
@@ -107,38 +107,37 @@ func (s *Syncer) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, 
 	if err != nil && !errors.Is(err, engine.ErrNotFound) {
 		return ctrl.Result{}, err
 	}
-	// The NodeCache read may predate the status our last push wrote: the
-	// generation pushed is also remembered here, so it is not sent twice.
-	if h := info.Head; h != nil && shouldPush(*h, nc, cache.Status.Registry) && s.pushedGeneration(key) != h.Number {
-		if err := s.push(ctx, nc, cache, *h); err != nil {
+	if h := info.Head; h != nil && shouldPush(*h, info.Pushed, cache.Status.Registry) && !s.isRefused(h.ID()) {
+		if err := s.push(ctx, key, cache, *h); err != nil {
 			return ctrl.Result{}, err
 		}
-		s.mu.Lock()
-		s.pushed[key] = h.Number
-		s.mu.Unlock()
 	}
 	if want := nc.Spec.Registry; want != nil && behind(info.Head, want) {
 		ctx, cancel := context.WithTimeout(ctx, prefetchTimeout)
 		defer cancel()
-		if err := s.pull(ctx, "prefetch", key, cache, want); err != nil {
-			return ctrl.Result{}, err
-		}
-		return ctrl.Result{}, ensureCacheAndReport(ctx, s.Client, s.Store, s.NodeName, key)
+		return ctrl.Result{}, s.pull(ctx, "prefetch", key, cache, want)
 	}
 	return ctrl.Result{}, nil
 }
 
 // shouldPush: the head is this node's own content (not pulled), not
-// pushed yet, and no older than the Cache's newest image (an older commit
-// must not replace a newer one: last writer wins).
-func shouldPush(h engine.Generation, nc *v1alpha1.NodeCache, newest *v1alpha1.RegistryImage) bool {
+// pushed yet (by its identity, which never comes back), and no older than
+// the Cache's newest image (an older commit must not replace a newer one:
+// last writer wins).
+func shouldPush(h engine.Generation, pushed *engine.PushRecord, newest *v1alpha1.RegistryImage) bool {
 	if h.Labels[registry.LabelDigest] != "" || len(h.Layers) == 0 {
 		return false
 	}
-	if p := nc.Status.Pushed; p != nil && p.Generation == h.Number {
+	if pushed != nil && pushed.ID == h.ID() {
 		return false
 	}
 	return newest == nil || !micro(h.Committed()).Before(newest.CommitTime.Time)
+}
+
+func (s *RegistrySyncer) isRefused(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.refused[id]
 }
 
 // behind tells whether the node should pull want: it has nothing, or what
@@ -155,8 +154,10 @@ func behind(h *engine.Generation, want *v1alpha1.RegistryImage) bool {
 
 func micro(t time.Time) time.Time { return t.Truncate(time.Microsecond) }
 
-func (s *Syncer) push(ctx context.Context, nc *v1alpha1.NodeCache, cache *v1alpha1.Cache, h engine.Generation) error {
-	key := engine.Key{Namespace: nc.Namespace, Name: nc.Spec.Cache}
+// push sends generation h of key to the registry and records it in the
+// engine. A generation that can never be pushed is reported once and
+// given up (a terminal error); other failures are retried.
+func (s *RegistrySyncer) push(ctx context.Context, key engine.Key, cache *v1alpha1.Cache, h engine.Generation) error {
 	log := logf.FromContext(ctx).WithValues("cache", cacheRef(key), "generation", h.Number)
 	ctx, cancel := context.WithTimeout(ctx, pushTimeout)
 	defer cancel()
@@ -164,6 +165,14 @@ func (s *Syncer) push(ctx context.Context, nc *v1alpha1.NodeCache, cache *v1alph
 	p, err := s.Registry.Push(ctx, s.Store, key, h, s.NodeName)
 	registrySeconds.WithLabelValues("push").Add(time.Since(start).Seconds())
 	registryBytes.WithLabelValues("push").Add(float64(p.Bytes))
+	if errors.Is(err, engine.ErrNotEncodable) {
+		registryTransfers.WithLabelValues("push", "failed").Inc()
+		s.mu.Lock()
+		s.refused[h.ID()] = true
+		s.mu.Unlock()
+		s.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonPushFailed, "Node %s: generation %d cannot be pushed (not tried again; the next commit will be): %v", s.NodeName, h.Number, err)
+		return reconcile.TerminalError(err)
+	}
 	if err != nil {
 		registryTransfers.WithLabelValues("push", "failed").Inc()
 		s.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonPushFailed, "Node %s: pushing generation %d failed (retrying): %v", s.NodeName, h.Number, err)
@@ -171,19 +180,17 @@ func (s *Syncer) push(ctx context.Context, nc *v1alpha1.NodeCache, cache *v1alph
 	}
 	registryTransfers.WithLabelValues("push", "ok").Inc()
 	repo, _ := s.Registry.Repository(key)
-	now := metav1.Now()
-	image := &v1alpha1.RegistryImage{
-		Image: repo.String() + "@" + p.Digest, CommitTime: metav1.NewMicroTime(micro(h.Committed())),
-		Node: s.NodeName, Generation: h.Number, PushTime: &now,
+	image := repo.String() + "@" + p.Digest
+	rec := engine.PushRecord{ID: h.ID(), Number: h.Number, Ref: image, Committed: h.Committed(), Pushed: time.Now().UTC()}
+	if err := s.Store.RecordPush(key, rec); errors.Is(err, engine.ErrNotFound) {
+		return nil // evicted or deleted here meanwhile: nothing to report
+	} else if err != nil {
+		return err
 	}
-	before := nc.DeepCopy()
-	nc.Status.Pushed = image
-	if err := s.Status().Patch(ctx, nc, client.MergeFrom(before)); err != nil {
-		return client.IgnoreNotFound(err)
-	}
-	log.Info("Pushed", "image", image.Image, "bytes", p.Bytes, "layersSent", p.LayersSent, "layers", p.Layers, "seconds", time.Since(start).Seconds())
+	s.Reports.Enqueue(key)
+	log.Info("Pushed", "image", image, "bytes", p.Bytes, "layersSent", p.LayersSent, "layers", p.Layers, "seconds", time.Since(start).Seconds())
 	s.Recorder.Eventf(cache, corev1.EventTypeNormal, ReasonPushed, "Node %s: generation %d pushed as %s (%d of %d layers sent, %s)",
-		s.NodeName, h.Number, image.Image, p.LayersSent, p.Layers, quantity(p.Bytes))
+		s.NodeName, h.Number, image, p.LayersSent, p.Layers, quantity(p.Bytes))
 	if n, err := s.Registry.Prune(ctx, key, p.Digest); err != nil {
 		log.Error(err, "Pruning old generations from the registry failed (the next push tries again)")
 	} else if n > 0 {
@@ -193,8 +200,10 @@ func (s *Syncer) push(ctx context.Context, nc *v1alpha1.NodeCache, cache *v1alph
 }
 
 // pull brings want down as the cache's next generation on this node and
-// reports it in the node's NodeCache.
-func (s *Syncer) pull(ctx context.Context, op string, key engine.Key, cache *v1alpha1.Cache, want *v1alpha1.RegistryImage) error {
+// has it reported. If the node committed newer content meanwhile, the
+// engine refuses the import (ErrStale): not a failure, the newer commit
+// stays and is pushed.
+func (s *RegistrySyncer) pull(ctx context.Context, op string, key engine.Key, cache *v1alpha1.Cache, want *v1alpha1.RegistryImage) error {
 	log := logf.FromContext(ctx).WithValues("cache", cacheRef(key), "image", want.Image)
 	opts := registry.PullOptions{Import: engine.ImportOptions{MaxBytes: defaultMaxImportBytes, MaxEntries: maxImportEntries}}
 	if cache.Spec.MaxSize != nil {
@@ -204,6 +213,11 @@ func (s *Syncer) pull(ctx context.Context, op string, key engine.Key, cache *v1a
 	res, err := s.Registry.Pull(ctx, s.Store, key, want.Digest(), opts)
 	registrySeconds.WithLabelValues(op).Add(time.Since(start).Seconds())
 	registryBytes.WithLabelValues(op).Add(float64(res.Bytes))
+	if errors.Is(err, engine.ErrStale) {
+		registryTransfers.WithLabelValues(op, "stale").Inc()
+		log.V(logs.Extended).Info("Pulled an image older than the node's own head: kept the head", "op", op, "why", err.Error())
+		return nil
+	}
 	if err != nil {
 		registryTransfers.WithLabelValues(op, "failed").Inc()
 		s.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonPullFailed, "Node %s: pulling %s failed (%s): %v", s.NodeName, want.Image, op, err)
@@ -214,6 +228,7 @@ func (s *Syncer) pull(ctx context.Context, op string, key engine.Key, cache *v1a
 		"layersFetched", res.LayersFetched, "layers", res.Layers, "seconds", time.Since(start).Seconds())
 	s.Recorder.Eventf(cache, corev1.EventTypeNormal, ReasonPulled, "Node %s: %s pulled as generation %d (%s; %d of %d layers fetched, %s)",
 		s.NodeName, want.Image, res.Generation.Number, op, res.LayersFetched, res.Layers, quantity(res.Bytes))
+	s.Reports.Enqueue(key)
 	return nil
 }
 
@@ -221,7 +236,7 @@ func (s *Syncer) pull(ctx context.Context, op string, key engine.Key, cache *v1a
 // is created on this node, if the node is behind: within PullTimeout, and
 // otherwise (registry down, slow, corrupt) the volume starts from what the
 // node has, with a PullFailed event.
-func (s *Syncer) BeforeVolume(ctx context.Context, key engine.Key) {
+func (s *RegistrySyncer) BeforeVolume(ctx context.Context, key engine.Key) {
 	if s == nil {
 		return
 	}
@@ -259,26 +274,18 @@ func (s *Syncer) BeforeVolume(ctx context.Context, key engine.Key) {
 	if !isBehind() { // a prefetch got it meanwhile
 		return
 	}
-	if s.pull(ctx, "pull", key, cache, want) != nil {
-		return // the event says why; the build starts from what the node has
-	}
-	// The node holds the cache now: its NodeCache brings later prefetches.
-	// Off the volume's path.
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
-		defer cancel()
-		if err := ensureCacheAndReport(ctx, s.Client, s.Store, s.NodeName, key); err != nil {
-			logf.Log.Error(err, "Reporting a pulled generation", "cache", cacheRef(key))
-		}
-	}()
+	// On failure the event says why; the build starts from what the node
+	// has. On success the node holds the cache now, and the report of its
+	// NodeCache (enqueued, off the volume's path) brings later prefetches.
+	_ = s.pull(ctx, "pull", key, cache, want)
 }
 
 // lock serialises pushes and pulls of one cache on this node, giving up
 // when ctx ends.
-func (s *Syncer) lock(ctx context.Context, key engine.Key) (func(), error) {
+func (s *RegistrySyncer) lock(ctx context.Context, key engine.Key) (func(), error) {
 	s.mu.Lock()
 	if s.locks == nil {
-		s.locks, s.pushed = map[engine.Key]chan struct{}{}, map[engine.Key]int64{}
+		s.locks, s.refused = map[engine.Key]chan struct{}{}, map[string]bool{}
 	}
 	ch, ok := s.locks[key]
 	if !ok {

@@ -1,0 +1,108 @@
+package v1alpha1
+
+import (
+	"fmt"
+	"slices"
+	"strconv"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/util/validation"
+)
+
+// The typed contract between the webhook, the manager and the node agent:
+// one parser for each thing they pass one another, so that none of them
+// can read it differently.
+
+// MaxRestoreFrom bounds the fallback caches a claim may list.
+const MaxRestoreFrom = 10
+
+// ParseRestoreFrom reads a list of fallback caches, "NAME[,NAME...]"
+// (AnnotationRestoreFrom, AttrRestoreFrom): DNS-1123 labels, none of them
+// own (the claim's own cache), each once, at most MaxRestoreFrom. The
+// error states the rule that was broken.
+func ParseRestoreFrom(list, own string) ([]string, error) {
+	if strings.TrimSpace(list) == "" {
+		return nil, fmt.Errorf("must list cache names separated by commas")
+	}
+	var out []string
+	for _, item := range strings.Split(list, ",") {
+		name := strings.TrimSpace(item)
+		switch {
+		case len(validation.IsDNS1123Label(name)) > 0:
+			return nil, fmt.Errorf("cache name %q must be a DNS-1123 label: at most 63 lower case letters, digits and '-', starting and ending with a letter or digit", name)
+		case name == own:
+			return nil, fmt.Errorf("names the claim's own cache %q", own)
+		case slices.Contains(out, name):
+			return nil, fmt.Errorf("names cache %q twice", name)
+		}
+		out = append(out, name)
+	}
+	if len(out) > MaxRestoreFrom {
+		return nil, fmt.Errorf("lists %d caches, at most %d are allowed", len(out), MaxRestoreFrom)
+	}
+	return out, nil
+}
+
+// VolumeContext is what a PV of ours tells the node agent
+// (spec.csi.volumeAttributes): written by the manager's provisioner with
+// Attributes, read by the node agent with ParseVolumeContext.
+//
+// +kubebuilder:object:generate=false
+type VolumeContext struct {
+	// Kind is KindCache or KindHostDir.
+	Kind string
+	// Namespace and Cache name the cache (KindCache).
+	Namespace, Cache string
+	// Write: the volume may be committed (the trust decision).
+	Write bool
+	// PodUID is the owning build pod's: a writable volume is mounted for
+	// that pod only.
+	PodUID string
+	// RestoreFrom lists the fallback caches, in Namespace.
+	RestoreFrom []string
+}
+
+// Attributes encodes the volume context as PV volume attributes.
+func (v VolumeContext) Attributes() map[string]string {
+	attrs := map[string]string{AttrKind: v.Kind, AttrNamespace: v.Namespace, AttrWrite: strconv.FormatBool(v.Write)}
+	if v.Cache != "" {
+		attrs[AttrCache] = v.Cache
+	}
+	if v.PodUID != "" {
+		attrs[AttrPodUID] = v.PodUID
+	}
+	if len(v.RestoreFrom) > 0 {
+		attrs[AttrRestoreFrom] = strings.Join(v.RestoreFrom, ",")
+	}
+	return attrs
+}
+
+// ParseVolumeContext decodes and checks PV volume attributes (a missing
+// kind is a cache, as PVs made before the kind existed are). Only "true"
+// allows a commit.
+func ParseVolumeContext(attrs map[string]string) (VolumeContext, error) {
+	v := VolumeContext{Kind: attrs[AttrKind], Namespace: attrs[AttrNamespace], Cache: attrs[AttrCache],
+		Write: attrs[AttrWrite] == "true", PodUID: attrs[AttrPodUID]}
+	switch v.Kind {
+	case KindHostDir:
+		return v, nil
+	case KindCache, "":
+		v.Kind = KindCache
+	default:
+		return v, fmt.Errorf("volume attribute %s: unknown kind %q", AttrKind, v.Kind)
+	}
+	if errs := validation.IsDNS1123Label(v.Namespace); len(errs) > 0 {
+		return v, fmt.Errorf("volume attribute %s=%q: not a namespace name", AttrNamespace, v.Namespace)
+	}
+	if errs := validation.IsDNS1123Label(v.Cache); len(errs) > 0 {
+		return v, fmt.Errorf("volume attribute %s=%q: not a cache name", AttrCache, v.Cache)
+	}
+	if list, ok := attrs[AttrRestoreFrom]; ok && list != "" {
+		from, err := ParseRestoreFrom(list, v.Cache)
+		if err != nil {
+			return v, fmt.Errorf("volume attribute %s=%q: %w", AttrRestoreFrom, list, err)
+		}
+		v.RestoreFrom = from
+	}
+	return v, nil
+}

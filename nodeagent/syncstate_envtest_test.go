@@ -1,0 +1,142 @@
+package nodeagent
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	ctrlconfig "sigs.k8s.io/controller-runtime/pkg/config"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+
+	"golang.org/x/sys/unix"
+
+	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
+	"github.com/layercache/layercache/controllers"
+	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/testenv"
+)
+
+// startNodeAndManagerWithRegistry starts node-a's agent and the manager's
+// Cache reconciler, both with a real registry.
+func startNodeAndManagerWithRegistry(t *testing.T) *nodeSuite {
+	s, rc, _ := startNodeWithRegistry(t)
+	env := &testenv.Env{Config: s.cfg, Scheme: s.c.Scheme()}
+	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
+		Controller: ctrlconfig.Controller{SkipNameValidation: &skipNameValidation}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := (&controllers.CacheReconciler{Client: mgr.GetClient(), Registry: rc, Recorder: mgr.GetEventRecorderFor("manager")}).SetupWithManager(mgr); err != nil {
+		t.Fatal(err)
+	}
+	testenv.RunManager(t, mgr)
+	return s
+}
+
+// registryImage waits for the Cache's status.registry to satisfy ok.
+func (s *nodeSuite) registryImage(ns, name, what string, ok func(*v1alpha1.RegistryImage) bool) *v1alpha1.RegistryImage {
+	s.t.Helper()
+	c := &v1alpha1.Cache{}
+	s.eventually(what, func() bool {
+		return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: name}, c) == nil && c.Status.Registry != nil && ok(c.Status.Registry)
+	})
+	return c.Status.Registry
+}
+
+// A generation is known as pushed by its identity, not its number: after
+// the cache's data is deleted on the node (an eviction), the next commit is
+// generation 1 again, and it is pushed. Before, the agent remembered
+// "generation 1 pushed" and skipped it until it restarted.
+func TestACommitAfterAnEvictionIsPushed(t *testing.T) {
+	s := startNodeAndManagerWithRegistry(t)
+	ns := s.namespace()
+	pv := s.pv("pvc-e1", attrs(ns, "evicted", true))
+	s.build(pv, map[string]string{"f": "1"}, false)
+	s.release(pv, "Succeeded", false)
+	s.pvGone(pv)
+	first := s.registryImage(ns, "evicted", "the first push", func(*v1alpha1.RegistryImage) bool { return true })
+
+	if err := s.store.DeleteCache(engine.Key{Namespace: ns, Name: "evicted"}); err != nil {
+		t.Fatal(err)
+	}
+	pv = s.pv("pvc-e2", attrs(ns, "evicted", true))
+	s.build(pv, map[string]string{"g": "2"}, false)
+	s.release(pv, "Succeeded", false)
+	s.pvGone(pv)
+	second := s.registryImage(ns, "evicted", "the commit after the eviction to be pushed", func(r *v1alpha1.RegistryImage) bool {
+		return r.Image != first.Image
+	})
+	if second.Generation != 1 || !second.CommitTime.After(first.CommitTime.Time) {
+		t.Errorf("after the eviction status.registry = %+v; before it %+v", second, first)
+	}
+}
+
+// pushFailures returns the PushFailed events of a Cache and how many times
+// each was recorded.
+func (s *nodeSuite) pushFailures(ns, name string) (int32, string) {
+	list := &corev1.EventList{}
+	if err := s.c.List(s.ctx, list, client.InNamespace(ns),
+		client.MatchingFieldsSelector{Selector: fields.OneTermEqualSelector("involvedObject.name", name)}); err != nil {
+		s.t.Fatal(err)
+	}
+	var n int32
+	var msgs []string
+	for _, e := range list.Items {
+		if e.Reason == ReasonPushFailed {
+			n += max(e.Count, 1)
+			msgs = append(msgs, e.Message)
+		}
+	}
+	return n, strings.Join(msgs, "\n")
+}
+
+// A generation that can never be pushed (a file named ".wh.*", which an
+// OCI layer cannot carry: it means a deletion there) is reported once and
+// not retried; a later commit is tried, and once the chain no longer holds
+// the name, pushed. A socket is left out of the image, not refused. Before,
+// the push was retried for ever with a PushFailed "(retrying)" warning each
+// time, and a cache with a leftover socket never synced.
+func TestAPermanentPushFailureIsNotRetried(t *testing.T) {
+	s := startNodeAndManagerWithRegistry(t)
+	ns := s.namespace()
+	key := engine.Key{Namespace: ns, Name: "odd"}
+	pv := s.pv("pvc-s1", attrs(ns, "odd", true))
+	s.build(pv, map[string]string{".wh.notes": "1"}, false)
+	s.release(pv, "Succeeded", false)
+	s.pvGone(pv)
+	s.eventually("a PushFailed event", func() bool { n, _ := s.pushFailures(ns, "odd"); return n > 0 })
+	time.Sleep(3 * time.Second) // a retry with the controller's backoff would come within this
+	if n, msgs := s.pushFailures(ns, "odd"); n != 1 || strings.Contains(msgs, "retrying") || !strings.Contains(msgs, ".wh.notes") {
+		t.Errorf("PushFailed recorded %d time(s), want once, naming the file, not retried:\n%s", n, msgs)
+	}
+
+	// The build deletes the file; the chain still holds it until it is
+	// compacted.
+	pv = s.pv("pvc-s2", attrs(ns, "odd", true))
+	target := s.build(pv, nil, true)
+	if err := os.Remove(filepath.Join(target, ".wh.notes")); err != nil {
+		t.Fatal(err)
+	}
+	s.unpublish(pv, target)
+	s.release(pv, "Succeeded", false)
+	s.pvGone(pv)
+	if _, err := s.store.Compact(key); err != nil {
+		t.Fatal(err)
+	}
+	// The next commit holds a socket: pushed without it.
+	pv = s.pv("pvc-s3", attrs(ns, "odd", true))
+	target = s.build(pv, map[string]string{"g": "3"}, true)
+	if err := unix.Mknod(filepath.Join(target, "agent.sock"), unix.S_IFSOCK|0o600, 0); err != nil {
+		t.Fatal(err)
+	}
+	s.unpublish(pv, target)
+	s.release(pv, "Succeeded", false)
+	s.pvGone(pv)
+	s.registryImage(ns, "odd", "the next commit to be pushed", func(*v1alpha1.RegistryImage) bool { return true })
+}
