@@ -8,6 +8,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	"k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -73,18 +74,51 @@ const (
 // +kubebuilder:rbac:groups=layercache.io,resources=caches/status,verbs=get;update;patch
 // +kubebuilder:rbac:groups=layercache.io,resources=nodecaches,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups="",resources=nodes,verbs=get;list;watch
+// +kubebuilder:rbac:groups=storage.k8s.io,resources=csinodes,verbs=get;list;watch
 
-// SetupWithManager registers the reconciler. A node that joins wakes the
-// Caches that every node prefetches.
+// SetupWithManager registers the reconciler. A node agent that registers
+// its CSI driver (on a node that joins, or once it runs) wakes the Caches
+// that every node prefetches.
 func (r *CacheReconciler) SetupWithManager(mgr ctrl.Manager) error {
 	return ctrl.NewControllerManagedBy(mgr).Named("cache").For(&v1alpha1.Cache{}).Owns(&v1alpha1.NodeCache{}).
-		Watches(&corev1.Node{}, handler.EnqueueRequestsFromMapFunc(r.prefetchingEverywhere),
+		Watches(&storagev1.CSINode{}, handler.EnqueueRequestsFromMapFunc(r.prefetchingEverywhere),
 			builder.WithPredicates(predicate.Funcs{
-				CreateFunc: func(event.CreateEvent) bool { return true },
-				UpdateFunc: func(event.UpdateEvent) bool { return false },
+				CreateFunc: func(e event.CreateEvent) bool { return runsAgent(e.Object.(*storagev1.CSINode)) },
+				UpdateFunc: func(e event.UpdateEvent) bool {
+					return runsAgent(e.ObjectNew.(*storagev1.CSINode)) && !runsAgent(e.ObjectOld.(*storagev1.CSINode))
+				},
 				DeleteFunc: func(event.DeleteEvent) bool { return false },
 			})).
 		Complete(r)
+}
+
+// runsAgent tells whether a node's CSINode lists our driver: the node
+// agent runs there and has registered with the kubelet.
+func runsAgent(cn *storagev1.CSINode) bool {
+	return slices.ContainsFunc(cn.Spec.Drivers, func(d storagev1.CSINodeDriver) bool { return d.Name == v1alpha1.DriverName })
+}
+
+// agentNodes lists the nodes that run the node agent (and are not being
+// deleted): only they may be given a NodeCache, whose finalizer only an
+// agent removes.
+func (r *CacheReconciler) agentNodes(ctx context.Context) ([]string, error) {
+	csiNodes := &storagev1.CSINodeList{}
+	if err := r.List(ctx, csiNodes); err != nil {
+		return nil, err
+	}
+	var names []string
+	for i := range csiNodes.Items {
+		if !runsAgent(&csiNodes.Items[i]) {
+			continue
+		}
+		node := &corev1.Node{}
+		if err := r.Get(ctx, client.ObjectKey{Name: csiNodes.Items[i].Name}, node); client.IgnoreNotFound(err) != nil {
+			return nil, err
+		} else if err == nil && node.DeletionTimestamp == nil {
+			names = append(names, node.Name)
+		}
+	}
+	return names, nil
 }
 
 // prefetchingEverywhere lists the Caches that every node prefetches.
@@ -107,29 +141,29 @@ func (r *CacheReconciler) prefetchingEverywhere(ctx context.Context, _ client.Ob
 }
 
 // prefetchOnAllNodes creates a NodeCache, holding the newest image, for
-// every node that has none, if the Cache asks for it: each node's agent
-// then pulls the image in the background.
+// every node that runs the agent and has none, if the Cache asks for it:
+// each node's agent then pulls the image in the background.
 func (r *CacheReconciler) prefetchOnAllNodes(ctx context.Context, c *v1alpha1.Cache, ncs []v1alpha1.NodeCache) error {
 	if r.Registry == nil || c.Spec.Prefetch != v1alpha1.PrefetchAllNodes || !c.SyncsThroughRegistry() || c.Status.Registry == nil {
 		return nil
 	}
-	nodes := &corev1.NodeList{}
-	if err := r.List(ctx, nodes); err != nil {
+	nodes, err := r.agentNodes(ctx)
+	if err != nil {
 		return err
 	}
 	has := map[string]bool{}
 	for _, nc := range ncs {
 		has[nc.Spec.Node] = true
 	}
-	for _, n := range nodes.Items {
-		if has[n.Name] || n.DeletionTimestamp != nil {
+	for _, n := range nodes {
+		if has[n] {
 			continue
 		}
 		nc := &v1alpha1.NodeCache{
-			ObjectMeta: metav1.ObjectMeta{Namespace: c.Namespace, Name: v1alpha1.NodeCacheName(c.Name, n.Name),
-				Labels:     map[string]string{v1alpha1.LabelCache: c.Name, v1alpha1.LabelNode: v1alpha1.NodeLabelValue(n.Name)},
+			ObjectMeta: metav1.ObjectMeta{Namespace: c.Namespace, Name: v1alpha1.NodeCacheName(c.Name, n),
+				Labels:     map[string]string{v1alpha1.LabelCache: c.Name, v1alpha1.LabelNode: v1alpha1.NodeLabelValue(n)},
 				Finalizers: []string{v1alpha1.FinalizerNodeData}},
-			Spec: v1alpha1.NodeCacheSpec{Cache: c.Name, Node: n.Name, TTL: c.Spec.TTL.DeepCopy(), Registry: c.Status.Registry.DeepCopy()},
+			Spec: v1alpha1.NodeCacheSpec{Cache: c.Name, Node: n, TTL: c.Spec.TTL.DeepCopy(), Registry: c.Status.Registry.DeepCopy()},
 		}
 		if err := controllerutil.SetControllerReference(c, nc, r.Scheme()); err != nil {
 			return err

@@ -221,7 +221,7 @@ func TestManagerReconcilers(t *testing.T) {
 		bad.Labels[v1alpha1.LabelCache] = "feature-y"
 		s.create(bad)
 		s.eventually("a BadClaims event", func() bool {
-			return strings.Contains(s.events(ns, "loop"), `fallback cache "feature-y" must be a DNS-1123 label other than the claim's cache`)
+			return strings.Contains(s.events(ns, "loop"), `restoreFrom: names the claim's own cache "feature-y"`)
 		})
 	})
 

@@ -56,6 +56,8 @@ func TestForgedClaimsAndTheSchedulingGate(t *testing.T) {
 		{"another storage class", func(_ *corev1.Pod, c *v1alpha1.Claim) { c.StorageClass = "fast-ssd" }, `storage class "fast-ssd": only "layercache" is allowed`},
 		{"a huge size", func(_ *corev1.Pod, c *v1alpha1.Claim) { c.Size = "50Ti" }, "size 50Ti is more than the largest allowed, 100Gi"},
 		{"a claim no volume references", func(p *corev1.Pod, c *v1alpha1.Claim) { c.ClaimName = "someone-elses" }, `the pod has no volume "cache" that references it`},
+		{"a cache the pod does not ask for", func(_ *corev1.Pod, c *v1alpha1.Claim) { c.Cache = "someone-elses-cache" },
+			`cache "someone-elses-cache" is neither the pod's label layercache.io/cache nor in its annotation layercache.io/caches`},
 		{"more trust than the label", func(p *corev1.Pod, c *v1alpha1.Claim) { c.Trust = "write" }, `trust "write", but the pod's label layercache.io/trust asks for "read"`},
 	}
 	for _, tt := range forged {
@@ -90,6 +92,7 @@ func TestReleaseGoesOnPastAVanishedClaim(t *testing.T) {
 		t.Fatal(err)
 	}
 	pod := buildPod(ns.Name, "two", "a", "read", "")
+	pod.Annotations[v1alpha1.AnnotationCaches] = "b=/b"
 	claims := []v1alpha1.Claim{
 		{Cache: "a", ClaimName: "two-a-x1", Volume: "cache", Trust: "read", Size: "1Gi", StorageClass: "layercache", MountPath: "/cache"},
 		{Cache: "b", ClaimName: "two-b-x1", Volume: "layercache-1", Trust: "read", Size: "1Gi", StorageClass: "layercache", MountPath: "/b"},

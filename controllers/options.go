@@ -2,7 +2,6 @@ package controllers
 
 import (
 	"fmt"
-	"strings"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -39,16 +38,11 @@ func (o *Options) defaults() {
 // checkClaims makes sure that the claims a pod's annotation lists are ones
 // the webhook could have written for this pod: the annotation may have
 // been written by hand (in a namespace the webhook skips, say), and the
-// manager creates what it lists. Each claim must be of our class, of a
-// bounded positive size, for a valid cache, with the trust the pod's label
-// asks for, under a valid name that no other claim of the pod uses, and
-// referenced by the pod's own volume.
+// manager creates what it lists. Each claim must be one the pod asks for
+// (v1alpha1.Claim.Validate), of our class, of a bounded positive size,
+// under a valid name that no other claim of the pod uses.
 func (o Options) checkClaims(pod *corev1.Pod, claims []v1alpha1.Claim) error {
 	o.defaults()
-	trust := pod.Labels[v1alpha1.LabelTrust]
-	if trust == "" {
-		trust = v1alpha1.TrustRead
-	}
 	names := map[string]bool{}
 	for _, c := range claims {
 		size, err := parsePositiveQuantity(c.Size)
@@ -63,28 +57,12 @@ func (o Options) checkClaims(pod *corev1.Pod, claims []v1alpha1.Claim) error {
 			return fmt.Errorf("claim %s: size %q: must be a positive quantity", c.ClaimName, c.Size)
 		case size.Cmp(o.MaxVolumeSize) > 0:
 			return fmt.Errorf("claim %s: size %s is more than the largest allowed, %s (--max-volume-size)", c.ClaimName, c.Size, o.MaxVolumeSize.String())
-		case len(validation.IsDNS1123Label(c.Cache)) > 0:
-			return fmt.Errorf("claim %s: cache name %q is not a DNS-1123 label", c.ClaimName, c.Cache)
-		case c.Trust != trust:
-			return fmt.Errorf("claim %s: trust %q, but the pod's label %s asks for %q", c.ClaimName, c.Trust, v1alpha1.LabelTrust, trust)
-		case !podReferences(pod, c):
-			return fmt.Errorf("claim %s: the pod has no volume %q that references it", c.ClaimName, c.Volume)
 		}
-		if len(c.RestoreFrom) > 0 {
-			if _, err := v1alpha1.ParseRestoreFrom(strings.Join(c.RestoreFrom, ","), c.Cache); err != nil {
-				return fmt.Errorf("claim %s: restoreFrom: %w", c.ClaimName, err)
-			}
+		if err := c.Validate(pod); err != nil {
+			return fmt.Errorf("claim %s: %w", c.ClaimName, err)
 		}
 		names[c.ClaimName] = true
 	}
 	return nil
 }
 
-func podReferences(pod *corev1.Pod, c v1alpha1.Claim) bool {
-	for _, v := range pod.Spec.Volumes {
-		if v.Name == c.Volume && v.PersistentVolumeClaim != nil && v.PersistentVolumeClaim.ClaimName == c.ClaimName {
-			return true
-		}
-	}
-	return false
-}

@@ -5,13 +5,17 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/controllers"
+	"github.com/layercache/layercache/internal/finalizers"
 	"github.com/layercache/layercache/internal/registry"
+	"github.com/layercache/layercache/internal/testenv"
 )
 
 // The newest pushed image (by commit time, whichever node pushed it)
@@ -56,9 +60,10 @@ func TestNewestImageAndPrefetchOnAllNodes(t *testing.T) {
 	})
 	s.eventually("node-a's NodeCache to name the image", func() bool { r := specOf("node-a"); return r != nil && r.Image == pushedA.Image })
 
-	// A node that joins gets a NodeCache holding the image, for its agent
-	// to pull.
+	// A node that joins, once its agent registers, gets a NodeCache holding
+	// the image, for its agent to pull.
 	s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-b"}})
+	s.csiNode("node-b", v1alpha1.DriverName)
 	s.eventually("a NodeCache on the new node", func() bool { r := specOf("node-b"); return r != nil && r.Image == pushedA.Image })
 	ncB := &v1alpha1.NodeCache{}
 	if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("everywhere", "node-b")}, ncB); err != nil {
@@ -94,4 +99,68 @@ func TestNewestImageAndPrefetchOnAllNodes(t *testing.T) {
 	if r := registryOf(); r == nil || r.Node != "node-b" {
 		t.Errorf("an older commit replaced the newest image: %+v", r)
 	}
+}
+
+// csiNode registers the node agent's CSI driver on node, as the kubelet
+// does when the agent's plugin registers.
+func (s *suite) csiNode(node string, drivers ...string) {
+	s.t.Helper()
+	cn := &storagev1.CSINode{ObjectMeta: metav1.ObjectMeta{Name: node}}
+	for _, d := range drivers {
+		cn.Spec.Drivers = append(cn.Spec.Drivers, storagev1.CSINodeDriver{Name: d, NodeID: node})
+	}
+	s.create(cn)
+}
+
+// prefetch: AllNodes gives a NodeCache only to nodes that run the node
+// agent (their CSINode lists the layercache.io driver): nodes outside the
+// agent's node selector, Windows or virtual-kubelet nodes get none, so
+// deleting the Cache never waits for an agent that does not exist. Before,
+// every Node got one, with the agent's finalizer, and the deletion hung.
+func TestPrefetchOnlyOnNodesWithTheAgent(t *testing.T) {
+	reg := testenv.StartRegistry(t) // deleting the Cache deletes its images
+	rc, err := registry.New(registry.Config{Prefix: reg.Addr + "/caches", Insecure: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startWith(t, controllers.Options{Registry: rc})
+	ns := s.namespace()
+	s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "no-agent-" + ns}})
+	s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "other-driver-" + ns}})
+	s.csiNode("other-driver-"+ns, "ebs.csi.aws.com")
+	c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "everywhere"},
+		Spec: v1alpha1.CacheSpec{Prefetch: v1alpha1.PrefetchAllNodes}}
+	s.create(c)
+	pushed := &v1alpha1.RegistryImage{Image: reg.Addr + "/caches/" + ns + "/everywhere@sha256:aa", Node: "node-a",
+		Generation: 1, CommitTime: metav1.NewMicroTime(time.Now())}
+	s.nodeCache(c, "node-a", v1alpha1.NodeCacheStatus{Generation: 1, Pushed: pushed})
+	// A node with the agent, for comparison: it gets one.
+	s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "agent-" + ns}})
+	s.csiNode("agent-"+ns, v1alpha1.DriverName)
+	has := func(node string) bool {
+		return s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("everywhere", node)}, &v1alpha1.NodeCache{}) == nil
+	}
+	s.eventually("a NodeCache on the node with the agent", func() bool { return has("agent-" + ns) })
+	for _, node := range []string{"no-agent-" + ns, "other-driver-" + ns} {
+		if has(node) {
+			t.Errorf("node %s, which runs no agent, got a NodeCache", node)
+		}
+	}
+
+	// Deleting the Cache completes once the agents let go: here nobody
+	// plays node-a's and the agent node's part, so the test does.
+	if err := s.c.Delete(s.ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	for _, node := range []string{"node-a", "agent-" + ns} {
+		nc := &v1alpha1.NodeCache{}
+		if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("everywhere", node)}, nc); err == nil {
+			if _, err := finalizers.Remove(s.ctx, s.c, nc, v1alpha1.FinalizerNodeData); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	s.eventually("the Cache's deletion to complete", func() bool {
+		return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(c), &v1alpha1.Cache{}))
+	})
 }

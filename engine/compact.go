@@ -85,34 +85,38 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 	if !slices.Equal(head.Layers[:min(len(base.Layers), len(head.Layers))], base.Layers) {
 		return CompactResult{}, nil
 	}
-	layer := randomID()
-	if err := os.Rename(filepath.Join(t.path, "layer"), s.layerPath(k, layer)); err != nil {
-		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)
-	}
-	failpoint("compact/layer-renamed")
-	if err := syncDir(filepath.Join(s.cacheDir(k), dirLayers)); err != nil {
-		return CompactResult{}, err
-	}
-	num, err := s.nextGeneration(k)
+	g, err := s.publishCompacted(k, head, len(base.Layers), filepath.Join(t.path, "layer"))
 	if err != nil {
-		return CompactResult{}, err
-	}
-	committed := head.Committed()
-	g := Generation{
-		Number:  num,
-		Layers:  append([]string{layer}, head.Layers[len(base.Layers):]...),
-		Created: time.Now().UTC(),
-		Source:  "compact",
-		// The content is still the head's: so are its labels and time.
-		Labels:      head.Labels,
-		ContentTime: &committed,
-		Identity:    head.ID(),
-	}
-	if err := s.publish(k, g); err != nil {
 		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)
 	}
 	failpoint("compact/published")
-	return CompactResult{Compacted: true, From: len(head.Layers), Generation: g.Number, Layer: layer, ChainLength: len(g.Layers)}, nil
+	return CompactResult{Compacted: true, From: len(head.Layers), Generation: g.Number, Layer: g.Layers[0], ChainLength: len(g.Layers)}, nil
+}
+
+// publishCompacted moves merged (the first n layers of head, merged) into
+// cache k as a new layer and publishes the generation of that layer plus
+// the layers committed on top since. The content is still the head's: so
+// are its labels, its time and its identity. The caller holds k's lock.
+func (s *Store) publishCompacted(k Key, head Generation, n int, merged string) (Generation, error) {
+	layer := randomID()
+	if err := os.Rename(merged, s.layerPath(k, layer)); err != nil {
+		return Generation{}, err
+	}
+	failpoint("compact/layer-renamed")
+	if err := syncDir(filepath.Join(s.cacheDir(k), dirLayers)); err != nil {
+		return Generation{}, err
+	}
+	num, err := s.nextGeneration(k)
+	if err != nil {
+		return Generation{}, err
+	}
+	committed := head.Committed()
+	g := Generation{
+		Number: num, Layers: append([]string{layer}, head.Layers[n:]...),
+		Created: time.Now().UTC(), Source: "compact",
+		Labels: head.Labels, ContentTime: &committed, Identity: head.ID(),
+	}
+	return g, s.publish(k, g)
 }
 
 // mergeLayers builds tmp/layer from layers (bottom first).

@@ -49,40 +49,73 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 	}
 	defer lock.unlock()
 
-	// Read the mounts under the lock: a volume of this cache cannot be
-	// created, hence not mounted, while we hold it.
-	mounts, err := readMountInfo()
+	refs, err := s.references(k)
 	if err != nil {
 		return err
+	}
+	if err := s.gcGenerations(k, refs, res); err != nil {
+		return err
+	}
+	layers, removed, err := s.gcLayers(k, refs.layers, res)
+	if err != nil {
+		return err
+	}
+	if err := s.removeStaleDigests(k); err != nil {
+		return err
+	}
+	if !refs.hasHead && layers == removed && len(refs.generations) == 0 && !refs.volumesOn {
+		// Nothing left of this cache: a commit that never published, or
+		// a cache whose volumes all went away before any commit.
+		if err := s.trash(s.cacheDir(k)); err != nil {
+			return err
+		}
+		res.Caches++
+	}
+	return nil
+}
+
+// gcRefs is what keeps a cache's generations and layers.
+type gcRefs struct {
+	hasHead     bool
+	generations map[int64]bool  // the head, and the snapshots of volumes
+	layers      map[string]bool // of those, of commits under way, of mounts
+	volumes     map[string]bool // the IDs of every volume of the store
+	volumesOn   bool            // volumes of this cache exist
+}
+
+// references reads what keeps cache k's data: its head, the volumes (of k,
+// or started from k) and the live overlay mounts. The caller holds k's
+// lock: a volume of k cannot be created, hence not mounted, meanwhile.
+func (s *Store) references(k Key) (gcRefs, error) {
+	refs := gcRefs{generations: map[int64]bool{}, layers: map[string]bool{}, volumes: map[string]bool{}}
+	mounts, err := readMountInfo()
+	if err != nil {
+		return refs, err
 	}
 	vols, err := s.Volumes()
 	if err != nil {
-		return err
+		return refs, err
 	}
 	head, hasHead, err := s.head(k)
 	if err != nil {
-		return err
+		return refs, err
 	}
-	keepGen := map[int64]bool{}
-	keepLayer := map[string]bool{}
-	volumeIDs := map[string]bool{}
-	volumesOn := false // volumes of this cache exist
-	if hasHead {
-		keepGen[head.Number] = true
+	if refs.hasHead = hasHead; hasHead {
+		refs.generations[head.Number] = true
 	}
 	for _, v := range vols {
-		volumeIDs[v.ID] = true
+		refs.volumes[v.ID] = true
 		if v.LayersOf() == k {
-			keepGen[v.Generation] = true
+			refs.generations[v.Generation] = true
 			for _, l := range v.Layers {
-				keepLayer[l] = true
+				refs.layers[l] = true
 			}
 		}
 		if v.Cache == k {
-			volumesOn = true
+			refs.volumesOn = true
 			for _, l := range []string{v.CommitLayer, v.BaseLayer} {
 				if l != "" {
-					keepLayer[l] = true
+					refs.layers[l] = true
 				}
 			}
 		}
@@ -94,11 +127,16 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 		}
 		for _, l := range m.Lowers {
 			if id, ok := strings.CutPrefix(l, layersDir); ok {
-				keepLayer[id] = true
+				refs.layers[id] = true
 			}
 		}
 	}
+	return refs, nil
+}
 
+// gcGenerations removes the generations nothing keeps, and adds the layers
+// of those kept to refs.
+func (s *Store) gcGenerations(k Key, refs gcRefs, res *GCResult) error {
 	genDir := filepath.Join(s.cacheDir(k), dirGenerations)
 	nums, err := s.generationNumbers(k)
 	if err != nil {
@@ -112,9 +150,9 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 		// A commit's generation is kept while its volume exists, so an
 		// interrupted commit that is retried finds it and does not publish
 		// twice.
-		if keepGen[n] || (g.Volume != "" && volumeIDs[g.Volume]) {
+		if refs.generations[n] || (g.Volume != "" && refs.volumes[g.Volume]) {
 			for _, l := range g.Layers {
-				keepLayer[l] = true
+				refs.layers[l] = true
 			}
 			continue
 		}
@@ -126,52 +164,42 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 	if err := removeTmpFiles(genDir); err != nil {
 		return err
 	}
-	if err := removeTmpFiles(s.cacheDir(k)); err != nil {
-		return err
-	}
+	return removeTmpFiles(s.cacheDir(k))
+}
 
+// gcLayers moves the layers not in keep to the trash and deletes them; it
+// returns how many layers there were and how many it removed.
+func (s *Store) gcLayers(k Key, keep map[string]bool, res *GCResult) (int, int, error) {
+	layersDir := filepath.Join(s.cacheDir(k), dirLayers)
 	entries, err := os.ReadDir(layersDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return err
+		return 0, 0, err
 	}
 	var garbage []string
 	for _, e := range entries {
-		if !keepLayer[e.Name()] {
+		if !keep[e.Name()] {
 			garbage = append(garbage, e.Name())
 		}
 	}
-	if len(garbage) > 0 {
-		t, err := s.newTempDir("trash")
-		if err != nil {
-			return err
-		}
-		defer func() {
-			t.release()
-			s.removeTemp(t.path)
-		}()
-		for _, id := range garbage {
-			if err := os.Rename(filepath.Join(layersDir, id), filepath.Join(t.path, id)); err != nil {
-				return fmt.Errorf("removing layer %s: %w", id, err)
-			}
-			res.Layers++
-		}
-		failpoint("gc/layers-moved")
-		if err := syncDir(layersDir); err != nil {
-			return err
-		}
+	if len(garbage) == 0 {
+		return len(entries), 0, nil
 	}
-	if err := s.removeStaleDigests(k); err != nil {
-		return err
+	t, err := s.newTempDir("trash")
+	if err != nil {
+		return 0, 0, err
 	}
-	if !hasHead && len(entries) == len(garbage) && len(keepGen) == 0 && !volumesOn {
-		// Nothing left of this cache: a commit that never published, or
-		// a cache whose volumes all went away before any commit.
-		if err := s.trash(s.cacheDir(k)); err != nil {
-			return err
+	defer func() {
+		t.release()
+		s.removeTemp(t.path)
+	}()
+	for _, id := range garbage {
+		if err := os.Rename(filepath.Join(layersDir, id), filepath.Join(t.path, id)); err != nil {
+			return 0, 0, fmt.Errorf("removing layer %s: %w", id, err)
 		}
-		res.Caches++
+		res.Layers++
 	}
-	return nil
+	failpoint("gc/layers-moved")
+	return len(entries), len(garbage), syncDir(layersDir)
 }
 
 func removeTmpFiles(dirPath string) error {

@@ -308,54 +308,13 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 	}
 	switch h.Typeflag {
 	case tar.TypeDir:
-		st, err := parent.lstat(base)
-		switch {
-		case err == nil && st.Mode&unix.S_IFMT == unix.S_IFDIR:
-		case err == nil:
-			if err := parent.removeAll(base); err != nil {
-				return err
-			}
-			fallthrough
-		case errors.Is(err, unix.ENOENT):
-			if err := unix.Mkdirat(parent.fd(), base, 0o700); err != nil {
-				return err
-			}
-		default:
-			return err
-		}
-		if err := unix.Fchownat(parent.fd(), base, h.Uid, h.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
-			return err
-		}
-		if err := unix.Fchmodat(parent.fd(), base, mode, 0); err != nil {
+		if err := extractDir(h, parent, base, mode); err != nil {
 			return err
 		}
 		*dirs = append(*dirs, dirTimes{rel, ts})
 		return nil
 	case tar.TypeReg:
-		if h.Size < 0 || (opts.MaxBytes > 0 && l.Bytes+h.Size > opts.MaxBytes) {
-			return fmt.Errorf("%w: entry %q: the layer would hold more than %d bytes", ErrUnsafeLayer, h.Name, opts.MaxBytes)
-		}
-		if err := parent.removeAll(base); err != nil {
-			return err
-		}
-		fd, err := unix.Openat(parent.fd(), base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
-		if err != nil {
-			return err
-		}
-		f := os.NewFile(uintptr(fd), base)
-		defer f.Close()
-		n, err := io.Copy(f, tr)
-		l.Bytes += n
-		if err != nil {
-			return fmt.Errorf("%w: entry %q: %v", ErrUnsafeLayer, h.Name, err)
-		}
-		if err := f.Chown(h.Uid, h.Gid); err != nil {
-			return err
-		}
-		if err := f.Chmod(os.FileMode(mode&0o777) | unixModeBits(mode)); err != nil {
-			return err
-		}
-		return unix.UtimesNanoAt(parent.fd(), base, ts, unix.AT_SYMLINK_NOFOLLOW)
+		return extractFile(l, tr, h, parent, base, mode, ts, opts)
 	case tar.TypeSymlink:
 		if err := parent.removeAll(base); err != nil {
 			return err
@@ -369,24 +328,7 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 		}
 		return unix.UtimesNanoAt(parent.fd(), base, ts, unix.AT_SYMLINK_NOFOLLOW)
 	case tar.TypeLink:
-		target, err := cleanLayerPath(h.Linkname)
-		if err != nil || target == "." {
-			return fmt.Errorf("%w: entry %q: hard link to %q: outside the layer", ErrUnsafeLayer, h.Name, h.Linkname)
-		}
-		tParentRel, tBase := path.Split(target)
-		tParent, err := root.openBeneath(strings.TrimSuffix(tParentRel, "/"))
-		if err != nil {
-			return fmt.Errorf("%w: entry %q: hard link to %q: %v", ErrUnsafeLayer, h.Name, h.Linkname, err)
-		}
-		defer tParent.Close()
-		st, err := tParent.lstat(tBase)
-		if err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
-			return fmt.Errorf("%w: entry %q: hard link to %q: not a regular file of the layer", ErrUnsafeLayer, h.Name, h.Linkname)
-		}
-		if err := parent.removeAll(base); err != nil {
-			return err
-		}
-		return unix.Linkat(tParent.fd(), tBase, parent.fd(), base, 0)
+		return extractHardLink(h, root, parent, base)
 	case tar.TypeFifo:
 		if err := parent.removeAll(base); err != nil {
 			return err
@@ -400,6 +342,82 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 	default:
 		return fmt.Errorf("%w: entry %q: an entry of type %q", ErrUnsafeLayer, h.Name, string(h.Typeflag))
 	}
+}
+
+// extractDir makes directory base of parent (replacing a non-directory),
+// with the entry's owner and mode; its times are set once it is filled.
+func extractDir(h *tar.Header, parent *dir, base string, mode uint32) error {
+	st, err := parent.lstat(base)
+	switch {
+	case err == nil && st.Mode&unix.S_IFMT == unix.S_IFDIR:
+	case err == nil:
+		if err := parent.removeAll(base); err != nil {
+			return err
+		}
+		fallthrough
+	case errors.Is(err, unix.ENOENT):
+		if err := unix.Mkdirat(parent.fd(), base, 0o700); err != nil {
+			return err
+		}
+	default:
+		return err
+	}
+	if err := unix.Fchownat(parent.fd(), base, h.Uid, h.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return err
+	}
+	return unix.Fchmodat(parent.fd(), base, mode, 0)
+}
+
+// extractFile writes regular file base of parent from the archive, within
+// the layer's byte bound.
+func extractFile(l *StagedLayer, tr *tar.Reader, h *tar.Header, parent *dir, base string, mode uint32, ts []unix.Timespec, opts ImportOptions) error {
+	if h.Size < 0 || (opts.MaxBytes > 0 && l.Bytes+h.Size > opts.MaxBytes) {
+		return fmt.Errorf("%w: entry %q: the layer would hold more than %d bytes", ErrUnsafeLayer, h.Name, opts.MaxBytes)
+	}
+	if err := parent.removeAll(base); err != nil {
+		return err
+	}
+	fd, err := unix.Openat(parent.fd(), base, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return err
+	}
+	f := os.NewFile(uintptr(fd), base)
+	defer f.Close()
+	n, err := io.Copy(f, tr)
+	l.Bytes += n
+	if err != nil {
+		return fmt.Errorf("%w: entry %q: %v", ErrUnsafeLayer, h.Name, err)
+	}
+	if err := f.Chown(h.Uid, h.Gid); err != nil {
+		return err
+	}
+	if err := f.Chmod(os.FileMode(mode&0o777) | unixModeBits(mode)); err != nil {
+		return err
+	}
+	return unix.UtimesNanoAt(parent.fd(), base, ts, unix.AT_SYMLINK_NOFOLLOW)
+}
+
+// extractHardLink links base of parent to a regular file extracted before
+// in the same layer, resolved beneath the layer's root.
+func extractHardLink(h *tar.Header, root, parent *dir, base string) error {
+	target, err := cleanLayerPath(h.Linkname)
+	if err != nil || target == "." {
+		return fmt.Errorf("%w: entry %q: hard link to %q: outside the layer", ErrUnsafeLayer, h.Name, h.Linkname)
+	}
+	tParentRel, tBase := path.Split(target)
+	tParent, err := root.openBeneath(strings.TrimSuffix(tParentRel, "/"))
+	if err != nil {
+		return fmt.Errorf("%w: entry %q: hard link to %q: %v", ErrUnsafeLayer, h.Name, h.Linkname, err)
+	}
+	defer tParent.Close()
+	st, err := tParent.lstat(tBase)
+	if err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG {
+		return fmt.Errorf("%w: entry %q: hard link to %q: not a regular file of the layer", ErrUnsafeLayer, h.Name, h.Linkname)
+	}
+	if err := parent.removeAll(base); err != nil {
+		return err
+	}
+	return unix.Linkat(tParent.fd(), tBase, parent.fd(), base, 0)
 }
 
 // unixModeBits turns setuid, setgid and sticky bits into os.FileMode's.

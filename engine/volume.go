@@ -137,31 +137,38 @@ func (s *Store) createVolume(id string, k Key, from *Key, opts VolumeOptions) (*
 	if v.Layers == nil {
 		v.Layers = []string{}
 	}
-	t, err := s.newTempDir("volume")
-	if err != nil {
-		return nil, err
-	}
-	defer t.release()
-	for _, d := range []string{"upper", "work"} {
-		if err := os.Mkdir(filepath.Join(t.path, d), 0o755); err != nil {
-			return nil, fmt.Errorf("creating volume %s: %w", id, err)
-		}
-	}
-	if err := writeJSONAtomic(t.path, fileVolume, v); err != nil {
-		return nil, fmt.Errorf("creating volume %s: %w", id, err)
-	}
-	failpoint("volume/prepared")
-	if err := os.Rename(t.path, s.volumeDir(id)); err != nil {
-		return nil, fmt.Errorf("creating volume %s: %w", id, err)
-	}
-	failpoint("volume/published")
-	if err := syncDir(filepath.Join(s.root, dirVolumes)); err != nil {
+	if err := s.writeVolume(v); err != nil {
 		return nil, err
 	}
 	if v.Generation > 0 {
 		s.touchLastUsed(v.LayersOf())
 	}
 	return v, nil
+}
+
+// writeVolume creates volume v's directory (its metadata, upper and work
+// dirs) in the temporary area and renames it into place: a crash leaves
+// the whole volume or none of it.
+func (s *Store) writeVolume(v *Volume) error {
+	t, err := s.newTempDir("volume")
+	if err != nil {
+		return err
+	}
+	defer t.release()
+	for _, d := range []string{"upper", "work"} {
+		if err := os.Mkdir(filepath.Join(t.path, d), 0o755); err != nil {
+			return fmt.Errorf("creating volume %s: %w", v.ID, err)
+		}
+	}
+	if err := writeJSONAtomic(t.path, fileVolume, v); err != nil {
+		return fmt.Errorf("creating volume %s: %w", v.ID, err)
+	}
+	failpoint("volume/prepared")
+	if err := os.Rename(t.path, s.volumeDir(v.ID)); err != nil {
+		return fmt.Errorf("creating volume %s: %w", v.ID, err)
+	}
+	failpoint("volume/published")
+	return syncDir(filepath.Join(s.root, dirVolumes))
 }
 
 // lockVolume reads volume id and locks its cache, reading the volume again
@@ -444,57 +451,14 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 
 	layer := v.CommitLayer
 	if layer == "" {
-		upper, err := openRoot(s.upperDir(id))
-		if err != nil {
-			return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
+		var empty bool
+		if layer, empty, err = s.recordCommitIntent(v, opts); err != nil || empty {
+			return CommitResult{}, err
 		}
-		empty, err := upper.isEmpty()
-		if err == nil {
-			// Make the layer's content durable before anything points at it.
-			err = upper.syncfs()
-		}
-		upper.Close()
-		if err != nil {
-			return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
-		}
-		if empty {
-			return CommitResult{}, s.trash(s.volumeDir(id))
-		}
-		if opts.MaxBytes > 0 {
-			if err := s.checkCommitSize(v, opts.MaxBytes); err != nil {
-				return CommitResult{}, err
-			}
-		}
-		failpoint("commit/synced")
-		// Record the intent first: a crash after the rename below is then
-		// finished by the next Commit instead of losing the upper dir.
-		layer = randomID()
-		v.CommitLayer = layer
-		if err := writeJSONAtomic(s.volumeDir(id), fileVolume, v); err != nil {
-			return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
-		}
-		failpoint("commit/intent-recorded")
 	}
-	if err := s.ensureCacheDirs(v.Cache); err != nil {
-		return CommitResult{}, err
-	}
-	failpoint("commit/cache-ready")
-	dst := s.layerPath(v.Cache, layer)
-	if err := os.Rename(s.upperDir(id), dst); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := s.placeCommitLayer(v, layer); err != nil {
 		return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
 	}
-	failpoint("commit/layer-renamed")
-	if _, err := os.Stat(dst); err != nil {
-		return CommitResult{}, fmt.Errorf("committing volume %s: layer %s is missing: %w", id, layer, err)
-	}
-	if err := syncDir(filepath.Dir(dst)); err != nil {
-		return CommitResult{}, err
-	}
-	if err := syncDir(s.volumeDir(id)); err != nil {
-		return CommitResult{}, err
-	}
-	failpoint("commit/layer-durable")
-
 	base := slices.Clone(v.Layers)
 	if v.From != nil && len(base) > 0 {
 		adopted, err := s.adoptBase(v)
@@ -504,37 +468,103 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 		base = []string{adopted}
 	}
 	failpoint("commit/base-ready")
-
-	head, _, err := s.head(v.Cache)
+	g, err := s.publishCommit(v, append(base, layer))
 	if err != nil {
-		return CommitResult{}, err
-	}
-	g := Generation{
-		Layers:  append(base, layer),
-		Created: time.Now().UTC(), Source: "commit", Volume: id, Labels: v.Labels, Identity: layer,
-	}
-	if published, err := s.generationWithLayer(v.Cache, layer); err != nil {
-		return CommitResult{}, err
-	} else if published != nil {
-		g = *published // a crash came after the generation was written
-		if head.Number < g.Number {
-			if err := s.publish(v.Cache, g); err != nil {
-				return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
-			}
-		}
-	} else {
-		if g.Number, err = s.nextGeneration(v.Cache); err != nil {
-			return CommitResult{}, err
-		}
-		if err := s.publish(v.Cache, g); err != nil {
-			return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
-		}
+		return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
 	}
 	failpoint("commit/published")
 	if err := s.trash(s.volumeDir(id)); err != nil {
 		return CommitResult{}, err
 	}
 	return CommitResult{Committed: true, Generation: g.Number, Layer: layer, ID: g.ID(), ChainLength: len(g.Layers)}, nil
+}
+
+// recordCommitIntent makes v's upper dir durable, checks its size, and
+// records the layer ID it will be renamed to (a crash after the rename is
+// then finished by the next Commit instead of losing the upper dir). An
+// empty upper dir commits nothing: the volume is removed, empty is true.
+func (s *Store) recordCommitIntent(v *Volume, opts CommitOptions) (layer string, empty bool, err error) {
+	upper, err := openRoot(s.upperDir(v.ID))
+	if err != nil {
+		return "", false, fmt.Errorf("committing volume %s: %w", v.ID, err)
+	}
+	empty, err = upper.isEmpty()
+	if err == nil {
+		// Make the layer's content durable before anything points at it.
+		err = upper.syncfs()
+	}
+	upper.Close()
+	if err != nil {
+		return "", false, fmt.Errorf("committing volume %s: %w", v.ID, err)
+	}
+	if empty {
+		return "", true, s.trash(s.volumeDir(v.ID))
+	}
+	if opts.MaxBytes > 0 {
+		if err := s.checkCommitSize(v, opts.MaxBytes); err != nil {
+			return "", false, err
+		}
+	}
+	failpoint("commit/synced")
+	v.CommitLayer = randomID()
+	if err := writeJSONAtomic(s.volumeDir(v.ID), fileVolume, v); err != nil {
+		return "", false, fmt.Errorf("committing volume %s: %w", v.ID, err)
+	}
+	failpoint("commit/intent-recorded")
+	return v.CommitLayer, false, nil
+}
+
+// placeCommitLayer renames v's upper dir to layer of its cache (done
+// already, after a crash) and makes the rename durable.
+func (s *Store) placeCommitLayer(v *Volume, layer string) error {
+	if err := s.ensureCacheDirs(v.Cache); err != nil {
+		return err
+	}
+	failpoint("commit/cache-ready")
+	dst := s.layerPath(v.Cache, layer)
+	if err := os.Rename(s.upperDir(v.ID), dst); err != nil && !errors.Is(err, fs.ErrNotExist) {
+		return err
+	}
+	failpoint("commit/layer-renamed")
+	if _, err := os.Stat(dst); err != nil {
+		return fmt.Errorf("layer %s is missing: %w", layer, err)
+	}
+	if err := syncDir(filepath.Dir(dst)); err != nil {
+		return err
+	}
+	if err := syncDir(s.volumeDir(v.ID)); err != nil {
+		return err
+	}
+	failpoint("commit/layer-durable")
+	return nil
+}
+
+// publishCommit publishes the generation of v's commit (layers, the
+// committed one on top) as its cache's head: the head moves atomically and
+// the last writer wins. After a crash that came once the generation was
+// written, it finds that generation and publishes it if the head is older.
+func (s *Store) publishCommit(v *Volume, layers []string) (Generation, error) {
+	top := layers[len(layers)-1]
+	head, _, err := s.head(v.Cache)
+	if err != nil {
+		return Generation{}, err
+	}
+	if published, err := s.generationWithLayer(v.Cache, top); err != nil {
+		return Generation{}, err
+	} else if published != nil {
+		if head.Number < published.Number {
+			return *published, s.publish(v.Cache, *published)
+		}
+		return *published, nil
+	}
+	g := Generation{
+		Layers:  layers,
+		Created: time.Now().UTC(), Source: "commit", Volume: v.ID, Labels: v.Labels, Identity: top,
+	}
+	if g.Number, err = s.nextGeneration(v.Cache); err != nil {
+		return Generation{}, err
+	}
+	return g, s.publish(v.Cache, g)
 }
 
 // adoptBase gives v's cache its own copy of the fallback layers v started

@@ -45,11 +45,6 @@ type NodeCacheReconciler struct {
 	NodeName string
 	Recorder record.EventRecorder
 	Reports  *Reports
-	// Prefetching: a registry is configured. A NodeCache that names an
-	// image and has no data here yet (the manager made it, for a Cache
-	// that every node prefetches) is then kept for the RegistrySyncer to
-	// fill.
-	Prefetching bool
 }
 
 // SetupWithManager registers the reconciler.
@@ -87,8 +82,11 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return r.reconcileDelete(ctx, nc, key, here)
 	case !here && nc == nil:
 		return ctrl.Result{}, nil
-	case !here && r.Prefetching && nc.Spec.Registry != nil:
-		return ctrl.Result{}, nil // the RegistrySyncer brings it down
+	case !here && nc.Spec.Registry != nil:
+		// The manager made it for a Cache that every node prefetches: the
+		// RegistrySyncer brings it down. An agent without a registry keeps
+		// it too (empty), or the manager would make it again, and again.
+		return ctrl.Result{}, nil
 	case !here:
 		// No data here (evicted, deleted, or never): the NodeCache must
 		// not say otherwise.

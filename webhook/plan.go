@@ -44,7 +44,6 @@ type plan struct {
 	warnings    []string
 }
 
-
 // fieldError names the label or annotation at fault and the rule it breaks.
 type fieldError struct {
 	kind, key, value, rule string

@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"strings"
 
+	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
 )
 
@@ -105,4 +106,49 @@ func ParseVolumeContext(attrs map[string]string) (VolumeContext, error) {
 		v.RestoreFrom = from
 	}
 	return v, nil
+}
+
+// Validate checks that claim c is one that pod asks for, whoever wrote it
+// into the pod's AnnotationClaims (the webhook, or a hand that forged it):
+// a valid cache that the pod's label or its AnnotationCaches names, the
+// trust the pod's label asks for, a pod volume that references the claim,
+// and valid fallbacks. The manager's own bounds (class, size, names) are
+// the manager's to check.
+func (c Claim) Validate(pod *corev1.Pod) error {
+	trust := pod.Labels[LabelTrust]
+	if trust == "" {
+		trust = TrustRead
+	}
+	switch {
+	case len(validation.IsDNS1123Label(c.Cache)) > 0:
+		return fmt.Errorf("cache name %q is not a DNS-1123 label", c.Cache)
+	case !podAsksFor(pod, c.Cache):
+		return fmt.Errorf("cache %q is neither the pod's label %s nor in its annotation %s", c.Cache, LabelCache, AnnotationCaches)
+	case c.Trust != trust:
+		return fmt.Errorf("trust %q, but the pod's label %s asks for %q", c.Trust, LabelTrust, trust)
+	case !slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool {
+		return v.Name == c.Volume && v.PersistentVolumeClaim != nil && v.PersistentVolumeClaim.ClaimName == c.ClaimName
+	}):
+		return fmt.Errorf("the pod has no volume %q that references it", c.Volume)
+	}
+	if len(c.RestoreFrom) > 0 {
+		if _, err := ParseRestoreFrom(strings.Join(c.RestoreFrom, ","), c.Cache); err != nil {
+			return fmt.Errorf("restoreFrom: %w", err)
+		}
+	}
+	return nil
+}
+
+// podAsksFor tells whether pod's label or AnnotationCaches
+// ("NAME=/path,...") names cache.
+func podAsksFor(pod *corev1.Pod, cache string) bool {
+	if pod.Labels[LabelCache] == cache {
+		return true
+	}
+	for _, item := range strings.Split(pod.Annotations[AnnotationCaches], ",") {
+		if name, _, ok := strings.Cut(strings.TrimSpace(item), "="); ok && strings.TrimSpace(name) == cache {
+			return true
+		}
+	}
+	return false
 }
