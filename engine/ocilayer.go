@@ -131,28 +131,7 @@ func (lw *layerWriter) entry(d *dir, rel, name string, st *unix.Stat_t) error {
 		defer sub.Close()
 		return lw.dir(sub, p)
 	case unix.S_IFREG:
-		ino := inodeKey{uint64(st.Dev), st.Ino}
-		if first, ok := lw.links[ino]; ok {
-			h.Typeflag, h.Linkname = tar.TypeLink, first
-			return lw.tw.WriteHeader(h)
-		}
-		if st.Nlink > 1 {
-			lw.links[ino] = p
-		}
-		h.Typeflag, h.Size = tar.TypeReg, st.Size
-		fd, err := unix.Openat(d.fd(), name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-		if err != nil {
-			return fmt.Errorf("opening %s: %w", p, err)
-		}
-		f := os.NewFile(uintptr(fd), p)
-		defer f.Close()
-		if err := lw.tw.WriteHeader(h); err != nil {
-			return err
-		}
-		if _, err := io.CopyN(lw.tw, f, st.Size); err != nil {
-			return fmt.Errorf("reading %s: %w", p, err)
-		}
-		return nil
+		return lw.file(d, name, p, h, st)
 	case unix.S_IFLNK:
 		target := make([]byte, unix.PathMax)
 		n, err := unix.Readlinkat(d.fd(), name, target)
@@ -177,6 +156,33 @@ func (lw *layerWriter) entry(d *dir, rel, name string, st *unix.Stat_t) error {
 	default:
 		return fmt.Errorf("%s is a device file: %w", p, ErrNotEncodable)
 	}
+}
+
+// file writes regular file name of d (at p in the layer), or a hard link
+// to the first path of its inode that the layer wrote.
+func (lw *layerWriter) file(d *dir, name, p string, h *tar.Header, st *unix.Stat_t) error {
+	ino := inodeKey{uint64(st.Dev), st.Ino}
+	if first, ok := lw.links[ino]; ok {
+		h.Typeflag, h.Linkname = tar.TypeLink, first
+		return lw.tw.WriteHeader(h)
+	}
+	if st.Nlink > 1 {
+		lw.links[ino] = p
+	}
+	h.Typeflag, h.Size = tar.TypeReg, st.Size
+	fd, err := unix.Openat(d.fd(), name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", p, err)
+	}
+	f := os.NewFile(uintptr(fd), p)
+	defer f.Close()
+	if err := lw.tw.WriteHeader(h); err != nil {
+		return err
+	}
+	if _, err := io.CopyN(lw.tw, f, st.Size); err != nil {
+		return fmt.Errorf("reading %s: %w", p, err)
+	}
+	return nil
 }
 
 // ImportOptions bound an import.

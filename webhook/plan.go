@@ -63,84 +63,17 @@ const dns1123Rule = "must be a DNS-1123 label: at most 63 lower case letters, di
 // makePlan reads and validates everything layercache takes from a pod. It
 // changes nothing: a pod is either fully valid or rejected.
 func makePlan(pod *corev1.Pod, opts Options) (*plan, error) {
-	labels, ann := pod.Labels, pod.Annotations
 	p := &plan{trust: v1alpha1.TrustRead, size: opts.DefaultSize}
-
-	name := labels[v1alpha1.LabelCache]
-	if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
-		return nil, labelError(v1alpha1.LabelCache, name, dns1123Rule)
+	name := pod.Labels[v1alpha1.LabelCache]
+	if err := p.readSettings(pod, name, opts); err != nil {
+		return nil, err
 	}
-	if t, ok := labels[v1alpha1.LabelTrust]; ok {
-		if t != v1alpha1.TrustRead && t != v1alpha1.TrustWrite {
-			return nil, labelError(v1alpha1.LabelTrust, t, `must be "read" or "write"`)
-		}
-		p.trust = t
-	}
-	if s, ok := ann[v1alpha1.AnnotationSize]; ok {
-		q, err := resource.ParseQuantity(s)
-		if err != nil || q.Sign() <= 0 {
-			return nil, annotationError(v1alpha1.AnnotationSize, s, `must be a positive quantity such as "10Gi"`)
-		}
-		if !opts.MaxSize.IsZero() && q.Cmp(opts.MaxSize) > 0 {
-			return nil, annotationError(v1alpha1.AnnotationSize, s, fmt.Sprintf("must be at most %s (the manager's --max-volume-size)", opts.MaxSize.String()))
-		}
-		p.size = q
-	}
-	if v, ok := ann[v1alpha1.AnnotationCommitOnFailure]; ok && v != "true" && v != "false" {
-		return nil, annotationError(v1alpha1.AnnotationCommitOnFailure, v, `must be "true" or "false"`)
-	}
-
-	volumes := map[string]bool{}
-	for _, v := range pod.Spec.Volumes {
-		volumes[v.Name] = true
-	}
-	primary := request{cache: name}
-	replace, explicit := ann[v1alpha1.AnnotationVolume]
-	at, byPath := ann[v1alpha1.AnnotationVolumeAt]
-	switch {
-	case explicit && byPath:
-		return nil, annotationError(v1alpha1.AnnotationVolumeAt, at, fmt.Sprintf("must not be set together with annotation %s: name the volume or where it is mounted, not both", v1alpha1.AnnotationVolume))
-	case explicit && !volumes[replace]:
-		return nil, annotationError(v1alpha1.AnnotationVolume, replace, "names no volume of the pod")
-	case explicit:
-		primary.replace = replace
-	case byPath:
-		v, err := volumeMountedAt(pod, at)
-		if err != nil {
-			return nil, err
-		}
-		primary.replace = v
-	case volumes[v1alpha1.DefaultVolumeName]:
-		primary.replace = v1alpha1.DefaultVolumeName
-	}
-	if list, ok := ann[v1alpha1.AnnotationRestoreFrom]; ok {
-		from, err := parseRestoreFrom(list, name)
-		if err != nil {
-			return nil, err
-		}
-		p.restoreFrom = from
-	}
-	mountPath, hasPath := ann[v1alpha1.AnnotationMountPath]
-	if hasPath {
-		if err := checkMountPath(v1alpha1.AnnotationMountPath, mountPath); err != nil {
-			return nil, err
-		}
-	}
-	if primary.replace != "" {
-		primary.volume = primary.replace
-		if hasPath {
-			p.warnings = append(p.warnings, fmt.Sprintf("annotation %s is ignored: volume %q is replaced and mounted where the pod mounts it",
-				v1alpha1.AnnotationMountPath, primary.replace))
-		}
-	} else {
-		primary.volume = v1alpha1.DefaultVolumeName
-		primary.mountPath = v1alpha1.DefaultMountPath
-		if hasPath {
-			primary.mountPath = mountPath
-		}
+	primary, err := p.primaryRequest(pod, name)
+	if err != nil {
+		return nil, err
 	}
 	p.requests = append(p.requests, primary)
-
+	ann := pod.Annotations
 	extra, err := parseCaches(ann[v1alpha1.AnnotationCaches], ann)
 	if err != nil {
 		return nil, err
@@ -154,35 +87,133 @@ func makePlan(pod *corev1.Pod, opts Options) (*plan, error) {
 		r.volume = fmt.Sprintf("layercache-%d", i+1)
 		p.requests = append(p.requests, r)
 	}
+	if err := p.checkAddedVolumes(pod); err != nil {
+		return nil, err
+	}
+	if p.trust == v1alpha1.TrustWrite && pod.Spec.RestartPolicy == corev1.RestartPolicyAlways {
+		p.warnings = append(p.warnings, fmt.Sprintf("label %s=write on a pod with restartPolicy Always: the pod never terminates, so its writes will never be committed",
+			v1alpha1.LabelTrust))
+	}
+	return p, nil
+}
 
-	// Added volumes must not collide with the pod's volumes or mounts.
+// readSettings reads the cache name, the trust, the size, commit on
+// failure and the fallback caches.
+func (p *plan) readSettings(pod *corev1.Pod, name string, opts Options) error {
+	labels, ann := pod.Labels, pod.Annotations
+	if errs := validation.IsDNS1123Label(name); len(errs) > 0 {
+		return labelError(v1alpha1.LabelCache, name, dns1123Rule)
+	}
+	if t, ok := labels[v1alpha1.LabelTrust]; ok {
+		if t != v1alpha1.TrustRead && t != v1alpha1.TrustWrite {
+			return labelError(v1alpha1.LabelTrust, t, `must be "read" or "write"`)
+		}
+		p.trust = t
+	}
+	if s, ok := ann[v1alpha1.AnnotationSize]; ok {
+		q, err := resource.ParseQuantity(s)
+		if err != nil || q.Sign() <= 0 {
+			return annotationError(v1alpha1.AnnotationSize, s, `must be a positive quantity such as "10Gi"`)
+		}
+		if !opts.MaxSize.IsZero() && q.Cmp(opts.MaxSize) > 0 {
+			return annotationError(v1alpha1.AnnotationSize, s, fmt.Sprintf("must be at most %s (the manager's --max-volume-size)", opts.MaxSize.String()))
+		}
+		p.size = q
+	}
+	if v, ok := ann[v1alpha1.AnnotationCommitOnFailure]; ok && v != "true" && v != "false" {
+		return annotationError(v1alpha1.AnnotationCommitOnFailure, v, `must be "true" or "false"`)
+	}
+	if list, ok := ann[v1alpha1.AnnotationRestoreFrom]; ok {
+		from, err := parseRestoreFrom(list, name)
+		if err != nil {
+			return err
+		}
+		p.restoreFrom = from
+	}
+	return nil
+}
+
+// primaryRequest is the pod's own cache: the volume it replaces (named,
+// found by its mount path, or the default "cache" volume) or the volume
+// added, and where.
+func (p *plan) primaryRequest(pod *corev1.Pod, name string) (request, error) {
+	ann := pod.Annotations
+	volumes := podVolumes(pod)
+	primary := request{cache: name}
+	replace, explicit := ann[v1alpha1.AnnotationVolume]
+	at, byPath := ann[v1alpha1.AnnotationVolumeAt]
+	switch {
+	case explicit && byPath:
+		return primary, annotationError(v1alpha1.AnnotationVolumeAt, at, fmt.Sprintf("must not be set together with annotation %s: name the volume or where it is mounted, not both", v1alpha1.AnnotationVolume))
+	case explicit && !volumes[replace]:
+		return primary, annotationError(v1alpha1.AnnotationVolume, replace, "names no volume of the pod")
+	case explicit:
+		primary.replace = replace
+	case byPath:
+		v, err := volumeMountedAt(pod, at)
+		if err != nil {
+			return primary, err
+		}
+		primary.replace = v
+	case volumes[v1alpha1.DefaultVolumeName]:
+		primary.replace = v1alpha1.DefaultVolumeName
+	}
+	mountPath, hasPath := ann[v1alpha1.AnnotationMountPath]
+	if hasPath {
+		if err := checkMountPath(v1alpha1.AnnotationMountPath, mountPath); err != nil {
+			return primary, err
+		}
+	}
+	if primary.replace != "" {
+		primary.volume = primary.replace
+		if hasPath {
+			p.warnings = append(p.warnings, fmt.Sprintf("annotation %s is ignored: volume %q is replaced and mounted where the pod mounts it",
+				v1alpha1.AnnotationMountPath, primary.replace))
+		}
+		return primary, nil
+	}
+	primary.volume = v1alpha1.DefaultVolumeName
+	primary.mountPath = v1alpha1.DefaultMountPath
+	if hasPath {
+		primary.mountPath = mountPath
+	}
+	return primary, nil
+}
+
+func podVolumes(pod *corev1.Pod) map[string]bool {
+	volumes := map[string]bool{}
+	for _, v := range pod.Spec.Volumes {
+		volumes[v.Name] = true
+	}
+	return volumes
+}
+
+// checkAddedVolumes makes sure that the volumes the plan adds collide with
+// none of the pod's volumes or mounts, nor with one another.
+func (p *plan) checkAddedVolumes(pod *corev1.Pod) error {
+	volumes := podVolumes(pod)
 	paths := map[string]string{}
 	for _, r := range p.requests {
 		if r.replace != "" {
 			continue
 		}
 		if volumes[r.volume] {
-			return nil, fmt.Errorf("pod already has a volume named %q: name it in annotation %s to have it replaced, or rename it", r.volume, v1alpha1.AnnotationVolume)
+			return fmt.Errorf("pod already has a volume named %q: name it in annotation %s to have it replaced, or rename it", r.volume, v1alpha1.AnnotationVolume)
 		}
 		if other, ok := paths[r.mountPath]; ok {
-			return nil, fmt.Errorf("caches %q and %q are both mounted at %s", other, r.cache, r.mountPath)
+			return fmt.Errorf("caches %q and %q are both mounted at %s", other, r.cache, r.mountPath)
 		}
 		paths[r.mountPath] = r.cache
 		for _, c := range allContainers(pod) {
 			for _, m := range c.VolumeMounts {
 				if path.Clean(m.MountPath) == r.mountPath {
-					return nil, fmt.Errorf("cache %q would be mounted at %s, where container %q already mounts volume %q (set annotation %s)",
+					return fmt.Errorf("cache %q would be mounted at %s, where container %q already mounts volume %q (set annotation %s)",
 						r.cache, r.mountPath, c.Name, m.Name, v1alpha1.AnnotationMountPath)
 				}
 			}
 		}
 	}
-
-	if p.trust == v1alpha1.TrustWrite && pod.Spec.RestartPolicy == corev1.RestartPolicyAlways {
-		p.warnings = append(p.warnings, fmt.Sprintf("label %s=write on a pod with restartPolicy Always: the pod never terminates, so its writes will never be committed",
-			v1alpha1.LabelTrust))
-	}
-	return p, nil
+	return nil
 }
 
 func checkMountPath(key, p string) error {

@@ -87,23 +87,9 @@ func run(args []string, stdout, stderr io.Writer) int {
 	return 1
 }
 
-func (c *cli) dispatch(args []string) error {
-	// Global flags may come before the command.
-	var name string
-	var rest []string
-	for i := 0; i < len(args); i++ {
-		if !strings.HasPrefix(args[i], "-") {
-			name, rest = args[i], append(slices.Clone(args[:i]), args[i+1:]...)
-			break
-		}
-		if !strings.Contains(args[i], "=") && i+1 < len(args) {
-			i++ // the flag's value
-		}
-	}
-	if name == "" {
-		return usagef("no command given (see layercache --help)")
-	}
-	var flagsFor = map[string]*command{
+// commands are the CLI's commands, by name.
+func commands() map[string]*command {
+	return map[string]*command{
 		"mount": {args: "NAMESPACE/NAME TARGET", nargs: [2]int{2, 2}, run: (*cli).mount,
 			flags: func(fs *flag.FlagSet) {
 				fs.Bool("write", false, "allow committing this volume")
@@ -125,7 +111,25 @@ func (c *cli) dispatch(args []string) error {
 		"du": {nargs: [2]int{0, 0}, run: (*cli).du},
 		"rm": {args: "NAMESPACE/NAME", nargs: [2]int{1, 1}, run: (*cli).rm},
 	}
-	cmd, ok := flagsFor[name]
+}
+
+func (c *cli) dispatch(args []string) error {
+	// Global flags may come before the command.
+	var name string
+	var rest []string
+	for i := 0; i < len(args); i++ {
+		if !strings.HasPrefix(args[i], "-") {
+			name, rest = args[i], append(slices.Clone(args[:i]), args[i+1:]...)
+			break
+		}
+		if !strings.Contains(args[i], "=") && i+1 < len(args) {
+			i++ // the flag's value
+		}
+	}
+	if name == "" {
+		return usagef("no command given (see layercache --help)")
+	}
+	cmd, ok := commands()[name]
 	if !ok {
 		return usagef("unknown command %q (see layercache --help)", name)
 	}

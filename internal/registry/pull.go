@@ -56,48 +56,85 @@ func (c *Client) Pull(ctx context.Context, s *engine.Store, k engine.Key, digest
 		return Pulled{}, fmt.Errorf("manifest digest %q: %w", digest, err)
 	}
 	ref := repo.Digest(want.String())
-	img, err := remote.Image(ref, c.remoteOptions(remote.WithContext(ctx))...)
-	if err != nil {
-		return Pulled{}, fmt.Errorf("fetching %s: %w", ref, err)
-	}
-	raw, err := img.RawManifest()
-	if err != nil {
-		return Pulled{}, fmt.Errorf("fetching %s: %w", ref, err)
-	}
-	if got := sha(raw); got != want.String() {
-		return Pulled{}, fmt.Errorf("manifest %s: got %s: %w", ref, got, ErrCorrupt)
-	}
-	m, err := img.Manifest()
+	m, cfg, committed, err := c.fetchManifest(ctx, ref, want)
 	if err != nil {
 		return Pulled{}, err
 	}
-	rawConfig, err := img.RawConfigFile()
-	if err != nil {
-		return Pulled{}, fmt.Errorf("fetching the config of %s: %w", ref, err)
-	}
-	if got := sha(rawConfig); got != m.Config.Digest.String() {
-		return Pulled{}, fmt.Errorf("config of %s: got %s: %w", ref, got, ErrCorrupt)
-	}
-	cfg, err := img.ConfigFile()
-	if err != nil {
-		return Pulled{}, err
-	}
-	if len(cfg.RootFS.DiffIDs) != len(m.Layers) || len(m.Layers) == 0 {
-		return Pulled{}, fmt.Errorf("%s: %d layers and %d diff IDs: not a cache image", ref, len(m.Layers), len(cfg.RootFS.DiffIDs))
-	}
-	committed := cfg.Created.Time
-	if t, err := time.Parse(time.RFC3339Nano, m.Annotations[AnnotationCommitted]); err == nil {
-		committed = t
-	}
-
 	res := Pulled{Layers: len(m.Layers)}
 	staged := make([]*engine.StagedLayer, len(m.Layers))
-	fetched := make([]bool, len(m.Layers))
 	defer func() {
 		for _, l := range staged {
 			l.Discard(s) // a no-op for published or reused layers
 		}
 	}()
+	fetched, err := c.fetchLayers(ctx, s, k, repo, m, cfg, opts, staged, &res)
+	if err != nil {
+		return res, fmt.Errorf("pulling %s: %w", ref, err)
+	}
+	g, err := s.PublishLayers(k, staged, engine.PublishOptions{
+		Labels: map[string]string{LabelDigest: want.String()}, ContentTime: committed,
+	})
+	if err != nil {
+		return res, err
+	}
+	res.Generation = g
+	for i, desc := range m.Layers {
+		if fetched[i] {
+			d := engine.LayerDigest{Digest: desc.Digest.String(), DiffID: cfg.RootFS.DiffIDs[i].String(), Size: desc.Size, MediaType: string(desc.MediaType)}
+			if err := s.SetLayerDigest(k, g.Layers[i], d); err != nil {
+				return res, err
+			}
+		}
+	}
+	return res, nil
+}
+
+// fetchManifest fetches the manifest and config of ref and checks them
+// against want and the config's digest; it returns them with the
+// generation's commit time.
+func (c *Client) fetchManifest(ctx context.Context, ref name.Digest, want v1.Hash) (*v1.Manifest, *v1.ConfigFile, time.Time, error) {
+	img, err := remote.Image(ref, c.remoteOptions(remote.WithContext(ctx))...)
+	if err != nil {
+		return nil, nil, time.Time{}, fmt.Errorf("fetching %s: %w", ref, err)
+	}
+	raw, err := img.RawManifest()
+	if err != nil {
+		return nil, nil, time.Time{}, fmt.Errorf("fetching %s: %w", ref, err)
+	}
+	if got := sha(raw); got != want.String() {
+		return nil, nil, time.Time{}, fmt.Errorf("manifest %s: got %s: %w", ref, got, ErrCorrupt)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		return nil, nil, time.Time{}, err
+	}
+	rawConfig, err := img.RawConfigFile()
+	if err != nil {
+		return nil, nil, time.Time{}, fmt.Errorf("fetching the config of %s: %w", ref, err)
+	}
+	if got := sha(rawConfig); got != m.Config.Digest.String() {
+		return nil, nil, time.Time{}, fmt.Errorf("config of %s: got %s: %w", ref, got, ErrCorrupt)
+	}
+	cfg, err := img.ConfigFile()
+	if err != nil {
+		return nil, nil, time.Time{}, err
+	}
+	if len(cfg.RootFS.DiffIDs) != len(m.Layers) || len(m.Layers) == 0 {
+		return nil, nil, time.Time{}, fmt.Errorf("%s: %d layers and %d diff IDs: not a cache image", ref, len(m.Layers), len(cfg.RootFS.DiffIDs))
+	}
+	committed := cfg.Created.Time
+	if t, err := time.Parse(time.RFC3339Nano, m.Annotations[AnnotationCommitted]); err == nil {
+		committed = t
+	}
+	return m, cfg, committed, nil
+}
+
+// fetchLayers fills staged with the image's layers: those cache k has (by
+// digest) reused, the others fetched, opts.Jobs at a time. It returns
+// which were fetched; the first failure cancels the others.
+func (c *Client) fetchLayers(ctx context.Context, s *engine.Store, k engine.Key, repo name.Repository, m *v1.Manifest, cfg *v1.ConfigFile,
+	opts PullOptions, staged []*engine.StagedLayer, res *Pulled) ([]bool, error) {
+	fetched := make([]bool, len(m.Layers))
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	jobs := opts.Jobs
@@ -109,7 +146,7 @@ func (c *Client) Pull(ctx context.Context, s *engine.Store, k engine.Key, digest
 	var mu sync.Mutex
 	for i, desc := range m.Layers {
 		if id, ok, err := s.LayerWithDigest(k, desc.Digest.String()); err != nil {
-			return res, err
+			return nil, err
 		} else if ok {
 			staged[i] = engine.Reuse(id)
 			continue
@@ -136,25 +173,7 @@ func (c *Client) Pull(ctx context.Context, s *engine.Store, k engine.Key, digest
 		}()
 	}
 	wg.Wait()
-	if err := context.Cause(ctx); err != nil {
-		return res, fmt.Errorf("pulling %s: %w", ref, err)
-	}
-	g, err := s.PublishLayers(k, staged, engine.PublishOptions{
-		Labels: map[string]string{LabelDigest: want.String()}, ContentTime: committed,
-	})
-	if err != nil {
-		return res, err
-	}
-	res.Generation = g
-	for i, desc := range m.Layers {
-		if fetched[i] {
-			d := engine.LayerDigest{Digest: desc.Digest.String(), DiffID: cfg.RootFS.DiffIDs[i].String(), Size: desc.Size, MediaType: string(desc.MediaType)}
-			if err := s.SetLayerDigest(k, g.Layers[i], d); err != nil {
-				return res, err
-			}
-		}
-	}
-	return res, nil
+	return fetched, context.Cause(ctx)
 }
 
 // fetchLayer streams one blob through its decompressor into the store,
