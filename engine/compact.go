@@ -61,10 +61,7 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 	if err != nil {
 		return CompactResult{}, err
 	}
-	defer func() {
-		t.release()
-		s.removeTemp(t.path) // after a successful swap the dir is empty
-	}()
+	defer t.done(s) // after a successful swap the dir is empty
 	if err := s.mergeLayers(k, base.Layers, t.path); err != nil {
 		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)
 	}

@@ -155,3 +155,33 @@ func TestLongCommitChainStaysShort(t *testing.T) {
 	}
 	t.Logf("%d commits: longest mounted chain %d, %d files, %d layers on disk", commits, longest, files, len(layers))
 }
+
+// GC running while writers create temporary entries never takes an entry
+// between its creation and its writer's lock, and never removes one while
+// its writer does (both were seen when pulls ran beside GC).
+func TestGCAndTemporaryEntriesAtOnce(t *testing.T) {
+	s, _ := newTestStore(t, Options{})
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; i < 300; i++ {
+			if _, err := s.GC(); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	for i := 0; i < 300; i++ {
+		d, err := s.newTempDir("test")
+		if err != nil {
+			t.Fatalf("creating a temporary entry while GC runs: %v", err)
+		}
+		if err := os.Mkdir(filepath.Join(d.path, "x"), 0o700); err != nil {
+			t.Fatalf("writing into a temporary entry while GC runs: %v", err)
+		}
+		d.done(s)
+	}
+	if err := <-done; err != nil {
+		t.Fatalf("GC while temporary entries come and go: %v", err)
+	}
+}

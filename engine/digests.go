@@ -36,11 +36,28 @@ func (s *Store) LayerDigest(k Key, id string) (LayerDigest, bool, error) {
 	return d, err == nil, err
 }
 
-// SetLayerDigest records the blob encoding of layer id of cache k.
+// SetLayerDigest records the blob encoding of layer id of cache k, under
+// the cache's lock: ErrNotFound if the layer is gone (the cache evicted or
+// deleted meanwhile), so that a record never outlives, nor recreates, the
+// cache it describes.
 func (s *Store) SetLayerDigest(k Key, id string, d LayerDigest) error {
 	if err := validateLayerID(id); err != nil {
 		return err
 	}
+	lock, err := s.lockCache(k)
+	if err != nil {
+		return err
+	}
+	defer lock.unlock()
+	if _, err := os.Lstat(s.layerPath(k, id)); errors.Is(err, fs.ErrNotExist) {
+		return fmt.Errorf("layer %s of %s: %w", id, k, ErrNotFound)
+	}
+	return s.writeLayerDigest(k, id, d)
+}
+
+// writeLayerDigest records d for layer id of k; the caller holds k's lock
+// and the layer is there.
+func (s *Store) writeLayerDigest(k Key, id string, d LayerDigest) error {
 	if d.Digest == "" || d.DiffID == "" {
 		return fmt.Errorf("layer %s: a digest and a diff ID are required", id)
 	}

@@ -188,10 +188,7 @@ func (s *Store) gcLayers(k Key, keep map[string]bool, res *GCResult) (int, int, 
 	if err != nil {
 		return 0, 0, err
 	}
-	defer func() {
-		t.release()
-		s.removeTemp(t.path)
-	}()
+	defer t.done(s)
 	for _, id := range garbage {
 		if err := os.Rename(filepath.Join(layersDir, id), filepath.Join(t.path, id)); err != nil {
 			return 0, 0, fmt.Errorf("removing layer %s: %w", id, err)
@@ -221,40 +218,66 @@ func removeTmpFiles(dirPath string) error {
 }
 
 // gcTemp removes entries of ROOT/tmp whose writer is gone: a live writer
-// holds a flock on its entry.
+// holds a flock on its entry. Under the temporary area's exclusive lock
+// (so that no entry is between its creation and its lock), the dead ones
+// are renamed ".dead-..."; they are removed after.
 func (s *Store) gcTemp(res *GCResult) error {
 	tmp, err := openRoot(filepath.Join(s.root, dirTmp))
 	if err != nil {
 		return err
 	}
 	defer tmp.Close()
-	names, err := tmp.names()
-	if err != nil {
-		return err
-	}
-	for _, name := range names {
-		fd, err := unix.Openat(tmp.fd(), name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
-		if err != nil {
-			if errors.Is(err, unix.ENOENT) {
-				continue
-			}
-			// Not a directory we can lock (a stray file or symlink): remove.
-			if err := tmp.removeAll(name); err != nil {
-				return err
-			}
-			res.Temporary++
-			continue
-		}
-		if err := unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB); err != nil {
-			unix.Close(fd)
-			continue // its writer is alive
-		}
-		err = tmp.removeAll(name)
-		unix.Close(fd)
-		if err != nil {
-			return err
+	dead, err := s.pickDeadTemp(tmp)
+	for _, name := range dead {
+		if rerr := tmp.removeAll(name); rerr != nil {
+			return errors.Join(err, rerr)
 		}
 		res.Temporary++
 	}
-	return nil
+	return err
+}
+
+const deadPrefix = ".dead-"
+
+// pickDeadTemp renames the entries of tmp whose writer is gone, and
+// returns their new names (and those renamed before, by a GC that died).
+func (s *Store) pickDeadTemp(tmp *dir) ([]string, error) {
+	area, err := s.lockTmp(unix.LOCK_EX)
+	if err != nil {
+		return nil, err
+	}
+	defer area.Close()
+	names, err := tmp.names()
+	if err != nil {
+		return nil, err
+	}
+	var dead []string
+	for _, name := range names {
+		if strings.HasPrefix(name, deadPrefix) {
+			dead = append(dead, name)
+			continue
+		}
+		fd, err := unix.Openat(tmp.fd(), name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		if errors.Is(err, unix.ENOENT) {
+			continue
+		}
+		if err == nil && unix.Flock(fd, unix.LOCK_EX|unix.LOCK_NB) != nil {
+			unix.Close(fd)
+			continue // its writer is alive
+		}
+		// Its writer is gone, or it is not a directory a writer could lock
+		// (a stray file or symlink).
+		to := deadPrefix + randomID()
+		rerr := unix.Renameat(tmp.fd(), name, tmp.fd(), to)
+		if err == nil {
+			unix.Close(fd)
+		}
+		if rerr != nil && !errors.Is(rerr, unix.ENOENT) {
+			return dead, fmt.Errorf("removing temporary entry %s: %w", name, rerr)
+		}
+		if rerr == nil {
+			dead = append(dead, to)
+		}
+	}
+	return dead, nil
 }

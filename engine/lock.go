@@ -59,7 +59,34 @@ type tempDir struct {
 	f    *os.File
 }
 
+// lockTmp takes the lock of the temporary area: shared by writers while
+// they create and lock an entry, exclusive for GC while it picks the
+// entries whose writer is gone, so that it never takes an entry between
+// its creation and its lock.
+func (s *Store) lockTmp(how int) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(s.root, dirLocks, "tmp.lock"), os.O_RDWR|os.O_CREATE, 0o600)
+	if err != nil {
+		return nil, fmt.Errorf("opening the temporary area's lock: %w", err)
+	}
+	for {
+		err = unix.Flock(int(f.Fd()), how)
+		if !errors.Is(err, unix.EINTR) {
+			break
+		}
+	}
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("locking the temporary area: %w", err)
+	}
+	return f, nil
+}
+
 func (s *Store) newTempDir(kind string) (*tempDir, error) {
+	area, err := s.lockTmp(unix.LOCK_SH)
+	if err != nil {
+		return nil, err
+	}
+	defer area.Close()
 	path := filepath.Join(s.root, dirTmp, kind+"-"+randomID())
 	if err := os.Mkdir(path, 0o700); err != nil {
 		return nil, fmt.Errorf("creating temporary dir: %w", err)
@@ -75,6 +102,15 @@ func (s *Store) newTempDir(kind string) (*tempDir, error) {
 		return nil, fmt.Errorf("locking temporary dir: %w", err)
 	}
 	return &tempDir{path: path, f: f}, nil
+}
+
+// done removes the directory, then drops its lock: GC never removes it at
+// the same time.
+func (t *tempDir) done(s *Store) {
+	if t != nil && t.f != nil {
+		s.removeTemp(t.path)
+	}
+	t.release()
 }
 
 // release drops the lock. The directory may have been renamed away already.

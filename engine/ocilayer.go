@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -201,6 +202,9 @@ type StagedLayer struct {
 	reused bool
 	// Bytes and Entries are what the layer holds.
 	Bytes, Entries int64
+	// Digest, if set (by the importer, once it checked the blob), is
+	// recorded with the layer when it is published.
+	Digest *LayerDigest
 }
 
 // Discard removes a staged layer that will not be published.
@@ -536,6 +540,13 @@ func (s *Store) PublishLayers(k Key, layers []*StagedLayer, opts PublishOptions)
 		return Generation{}, err
 	}
 	failpoint("import/layers-placed")
+	for _, l := range layers {
+		if !l.reused && l.Digest != nil {
+			if err := s.writeLayerDigest(k, l.id, *l.Digest); err != nil {
+				return Generation{}, err
+			}
+		}
+	}
 	g.Identity = g.Layers[len(g.Layers)-1]
 	if g.Number, err = s.nextGeneration(k); err != nil {
 		return Generation{}, err
@@ -558,7 +569,9 @@ func (s *Store) placeLayers(k Key, layers []*StagedLayer) ([]string, error) {
 			if err := validateLayerID(l.id); err != nil {
 				return nil, err
 			}
-			if _, err := os.Lstat(s.layerPath(k, l.id)); err != nil {
+			if _, err := os.Lstat(s.layerPath(k, l.id)); errors.Is(err, fs.ErrNotExist) {
+				return nil, fmt.Errorf("reusing layer %s of %s: %w", l.id, k, ErrLayerGone)
+			} else if err != nil {
 				return nil, fmt.Errorf("reusing layer %s: %w", l.id, err)
 			}
 		case l == nil || l.t == nil:

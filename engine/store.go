@@ -46,6 +46,10 @@ var (
 	// cache's head; it matches ErrConflict. It is an answer, not a failure
 	// to retry: the node has newer content than what it was offered.
 	ErrStale = fmt.Errorf("older than the cache's head: %w", ErrConflict)
+	// ErrLayerGone: a layer that an import meant to reuse was removed
+	// (GC, an eviction) since it was found; it matches ErrConflict. The
+	// import may be tried again, fetching that layer.
+	ErrLayerGone = fmt.Errorf("a layer to reuse is gone: %w", ErrConflict)
 )
 
 // Options tune a Store.

@@ -588,10 +588,7 @@ func (s *Store) adoptBase(v *Volume) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	defer func() {
-		t.release()
-		s.removeTemp(t.path)
-	}()
+	defer t.done(s)
 	if err := s.mergeLayers(*v.From, v.Layers, t.path); err != nil {
 		return "", err
 	}

@@ -28,6 +28,7 @@ import (
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/registry"
 	"github.com/layercache/layercache/internal/testenv"
 )
 
@@ -41,6 +42,8 @@ type nodeSuite struct {
 	maint  *Maintenance
 	rec    record.EventRecorder
 	cfg    *rest.Config
+	// registry is the agent's registry client, if it has one.
+	registry *registry.Client
 }
 
 func startNode(t *testing.T) *nodeSuite { return startNodeWith(t, func(*Options) {}) }

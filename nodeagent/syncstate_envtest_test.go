@@ -1,13 +1,18 @@
 package nodeagent
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -19,6 +24,7 @@ import (
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/controllers"
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/registry"
 	"github.com/layercache/layercache/internal/testenv"
 )
 
@@ -26,6 +32,7 @@ import (
 // Cache reconciler, both with a real registry.
 func startNodeAndManagerWithRegistry(t *testing.T) *nodeSuite {
 	s, rc, _ := startNodeWithRegistry(t)
+	s.registry = rc
 	env := &testenv.Env{Config: s.cfg, Scheme: s.c.Scheme()}
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
 		Controller: ctrlconfig.Controller{SkipNameValidation: &skipNameValidation}})
@@ -140,3 +147,124 @@ func TestAPermanentPushFailureIsNotRetried(t *testing.T) {
 	s.pvGone(pv)
 	s.registryImage(ns, "odd", "the next commit to be pushed", func(*v1alpha1.RegistryImage) bool { return true })
 }
+
+// Commits, pulls, evictions, compactions and GC of one cache run at once
+// on a node (go test -race runs this), then the Cache is deleted: every
+// operation either happens whole or is refused by the engine's
+// precondition (ErrInUse, ErrStale), no volume or PV is left behind, the
+// last commit is the one the node and the registry end with, and the
+// deletion removes everything.
+func TestConcurrentOperationsOnOneCache(t *testing.T) {
+	s := startNodeAndManagerWithRegistry(t)
+	ns := s.namespace()
+	key := engine.Key{Namespace: ns, Name: "busy"}
+	pv := s.pv("pvc-c0", attrs(ns, "busy", true))
+	s.build(pv, map[string]string{"f0": "0"}, false)
+	s.release(pv, "Succeeded", false)
+	s.pvGone(pv)
+	first := s.registryImage(ns, "busy", "the first push", func(*v1alpha1.RegistryImage) bool { return true })
+	rc := s.registry
+
+	stop := make(chan struct{})
+	errs := make(chan error, 100)
+	var wg sync.WaitGroup
+	loop := func(what string, op func() error) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				if err := op(); err != nil {
+					errs <- fmt.Errorf("%s: %w", what, err)
+					return
+				}
+				time.Sleep(5 * time.Millisecond)
+			}
+		}()
+	}
+	pulls := 0
+	loop("pull", func() error {
+		_, err := rc.Pull(s.ctx, s.store, key, first.Digest(), registry.PullOptions{})
+		if err == nil {
+			pulls++
+		}
+		if errors.Is(err, engine.ErrStale) {
+			return nil
+		}
+		return err
+	})
+	loop("evict", func() error {
+		if err := s.store.EvictIfIdle(key, 0); err != nil && !errors.Is(err, engine.ErrInUse) && !errors.Is(err, engine.ErrNotFound) {
+			return err
+		}
+		return nil
+	})
+	loop("compact and gc", func() error {
+		if _, err := s.store.Compact(key); err != nil && !errors.Is(err, engine.ErrNotFound) {
+			return err
+		}
+		_, err := s.store.GC()
+		return err
+	})
+	for i := 1; i <= 5; i++ {
+		pv := s.pv(fmt.Sprintf("pvc-c%d", i), attrs(ns, "busy", true))
+		s.build(pv, map[string]string{fmt.Sprintf("f%d", i): "x"}, false)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+	}
+	close(stop)
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	t.Logf("%d pull(s) imported the first image while commits and evictions ran", pulls)
+
+	// The last commit, made once things are quiet, is the node's head and
+	// the Cache's image.
+	pv = s.pv("pvc-last", attrs(ns, "busy", true))
+	s.build(pv, map[string]string{"last": "1"}, false)
+	s.release(pv, "Succeeded", false)
+	s.pvGone(pv)
+	if got := s.content(key); got["last"] != "1" {
+		t.Fatalf("the node's head after the last commit: %v", got)
+	}
+	info, err := s.store.Inspect(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	s.registryImage(ns, "busy", "the last commit to be pushed", func(r *v1alpha1.RegistryImage) bool {
+		return r.CommitTime.Equal(ptr(metav1.NewMicroTime(micro(info.Head.Committed()))))
+	})
+	if vols, err := s.store.Volumes(); err != nil || len(vols) != 0 {
+		t.Errorf("volumes left: %v (%v)", vols, err)
+	}
+
+	// Deleting the Cache removes it everywhere.
+	c := &v1alpha1.Cache{}
+	if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: "busy"}, c); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.c.Delete(s.ctx, c); err != nil {
+		t.Fatal(err)
+	}
+	s.eventually("the Cache to go", func() bool { return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(c), c)) })
+	if _, err := s.store.Inspect(key); !errors.Is(err, engine.ErrNotFound) {
+		t.Errorf("the node still holds the cache: %v", err)
+	}
+	if tags, err := rc.Tags(s.ctx, key); err != nil || len(tags) != 0 {
+		t.Errorf("the registry still has tags %v (%v)", tags, err)
+	}
+	if _, err := s.store.GC(); err != nil {
+		t.Fatal(err)
+	}
+	if tmp, err := os.ReadDir(filepath.Join(s.store.Root(), "tmp")); err != nil || len(tmp) != 0 {
+		t.Errorf("temporary entries left: %v (%v)", tmp, err)
+	}
+}
+
+func ptr[T any](v T) *T { return &v }

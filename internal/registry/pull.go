@@ -47,6 +47,16 @@ type Pulled struct {
 // decompression into extraction and checked against its digest and diff
 // ID. Nothing is published unless every layer checks out.
 func (c *Client) Pull(ctx context.Context, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
+	res, err := c.pull(ctx, s, k, digest, opts)
+	if errors.Is(err, engine.ErrLayerGone) {
+		// A layer found on the node was collected before the import was
+		// published: once more, fetching it.
+		return c.pull(ctx, s, k, digest, opts)
+	}
+	return res, err
+}
+
+func (c *Client) pull(ctx context.Context, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
 	repo, err := c.Repository(k)
 	if err != nil {
 		return Pulled{}, err
@@ -67,8 +77,7 @@ func (c *Client) Pull(ctx context.Context, s *engine.Store, k engine.Key, digest
 			l.Discard(s) // a no-op for published or reused layers
 		}
 	}()
-	fetched, err := c.fetchLayers(ctx, s, k, repo, m, cfg, opts, staged, &res)
-	if err != nil {
+	if err := c.fetchLayers(ctx, s, k, repo, m, cfg, opts, staged, &res); err != nil {
 		return res, fmt.Errorf("pulling %s: %w", ref, err)
 	}
 	g, err := s.PublishLayers(k, staged, engine.PublishOptions{
@@ -78,14 +87,6 @@ func (c *Client) Pull(ctx context.Context, s *engine.Store, k engine.Key, digest
 		return res, err
 	}
 	res.Generation = g
-	for i, desc := range m.Layers {
-		if fetched[i] {
-			d := engine.LayerDigest{Digest: desc.Digest.String(), DiffID: cfg.RootFS.DiffIDs[i].String(), Size: desc.Size, MediaType: string(desc.MediaType)}
-			if err := s.SetLayerDigest(k, g.Layers[i], d); err != nil {
-				return res, err
-			}
-		}
-	}
 	return res, nil
 }
 
@@ -130,11 +131,11 @@ func (c *Client) fetchManifest(ctx context.Context, ref name.Digest, want v1.Has
 }
 
 // fetchLayers fills staged with the image's layers: those cache k has (by
-// digest) reused, the others fetched, opts.Jobs at a time. It returns
-// which were fetched; the first failure cancels the others.
+// digest) reused, the others fetched, opts.Jobs at a time, each carrying
+// its checked digests for the engine to record when it publishes them.
+// The first failure cancels the others.
 func (c *Client) fetchLayers(ctx context.Context, s *engine.Store, k engine.Key, repo name.Repository, m *v1.Manifest, cfg *v1.ConfigFile,
-	opts PullOptions, staged []*engine.StagedLayer, res *Pulled) ([]bool, error) {
-	fetched := make([]bool, len(m.Layers))
+	opts PullOptions, staged []*engine.StagedLayer, res *Pulled) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	jobs := opts.Jobs
@@ -146,7 +147,7 @@ func (c *Client) fetchLayers(ctx context.Context, s *engine.Store, k engine.Key,
 	var mu sync.Mutex
 	for i, desc := range m.Layers {
 		if id, ok, err := s.LayerWithDigest(k, desc.Digest.String()); err != nil {
-			return nil, err
+			return err
 		} else if ok {
 			staged[i] = engine.Reuse(id)
 			continue
@@ -168,12 +169,13 @@ func (c *Client) fetchLayers(ctx context.Context, s *engine.Store, k engine.Key,
 				cancel(fmt.Errorf("layer %s: %w", desc.Digest, err))
 				return
 			}
-			staged[i], fetched[i] = l, true
+			l.Digest = &engine.LayerDigest{Digest: desc.Digest.String(), DiffID: cfg.RootFS.DiffIDs[i].String(), Size: desc.Size, MediaType: string(desc.MediaType)}
+			staged[i] = l
 			res.LayersFetched++
 		}()
 	}
 	wg.Wait()
-	return fetched, context.Cause(ctx)
+	return context.Cause(ctx)
 }
 
 // fetchLayer streams one blob through its decompressor into the store,
