@@ -9,6 +9,7 @@ import (
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -167,5 +168,31 @@ func TestReleaseGoesOnPastAVanishedClaim(t *testing.T) {
 	// Objects are logged as {name, namespace}, as klog.KObj gives them.
 	if want := `"persistentVolumeClaim":{"name":"two-b-x1","namespace":"` + ns.Name + `"}`; !strings.Contains(logged.String(), want) {
 		t.Errorf("log lacks %s:\n%s", want, logged.String())
+	}
+}
+
+// A class of our provisioner whose reclaim policy is not Delete gets no
+// volume, with an event saying why: the node agent removes a released
+// volume's data and its PV, so Retain would promise what never happens.
+// Before, the policy was copied onto the PV and then ignored.
+func TestRetainClassesAreRefused(t *testing.T) {
+	s := start(t)
+	ns := s.namespace()
+	retain := corev1.PersistentVolumeReclaimRetain
+	wait := storagev1.VolumeBindingWaitForFirstConsumer
+	class := "layercache-retain-" + ns
+	s.create(&storagev1.StorageClass{ObjectMeta: metav1.ObjectMeta{Name: class}, Provisioner: v1alpha1.DriverName,
+		ReclaimPolicy: &retain, VolumeBindingMode: &wait, Parameters: map[string]string{v1alpha1.ParameterKind: v1alpha1.KindHostDir}})
+	pvc := &corev1.PersistentVolumeClaim{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "kept", Annotations: map[string]string{controllers.AnnotationSelectedNode: "node-a"}},
+		Spec: corev1.PersistentVolumeClaimSpec{StorageClassName: &class, AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+			Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}},
+	}
+	s.create(pvc)
+	s.eventually("a ProvisioningFailed event", func() bool {
+		return strings.Contains(s.events(ns, "kept"), "reclaimPolicy Retain is not supported, only Delete")
+	})
+	if err := s.c.Get(s.ctx, client.ObjectKey{Name: controllers.PVName(pvc)}, &corev1.PersistentVolume{}); !apierrors.IsNotFound(err) {
+		t.Errorf("a PV was provisioned for a Retain class: %v", err)
 	}
 }

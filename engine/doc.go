@@ -8,11 +8,15 @@
 //	    HEAD                     current generation, replaced by one rename
 //	    generations/NNNNNNNNNNNN.json   ordered layer list (bottom first)
 //	    layers/ID/               immutable directory trees
+//	    digests/ID.json          a layer's OCI blob digests, computed once
+//	    LAST_USED                its mtime: when a volume last started from it
+//	    PUSHED                   what was last pushed (by generation identity)
 //	  volumes/ID/
 //	    volume.json              cache, base generation and its layers
 //	    upper/ work/             the volume's private overlay dirs
-//	  locks/                     per-cache flock files
+//	  locks/                     per-cache flock files; tmp.lock for tmp/
 //	  tmp/                       work in progress, each entry flocked by its writer
+//	  OWNER                      who the data belong to (the Node's UID)
 //	  empty/                     the lower layer of a cache with no content yet
 //
 // A volume is an overlay mount whose lower layers are the layers of the
@@ -25,5 +29,8 @@
 // live mount references.
 //
 // Several processes may share one store: every change to a cache happens
-// under that cache's flock. Nothing here imports Kubernetes.
+// under that cache's flock, and each operation checks its own precondition
+// under it (a delete or an eviction refuses any user, fallback users
+// included; an import refuses content no newer than the head), so callers
+// never decide from an earlier read. Nothing here imports Kubernetes.
 package engine
