@@ -65,4 +65,3 @@ func (o Options) checkClaims(pod *corev1.Pod, claims []v1alpha1.Claim) error {
 	}
 	return nil
 }
-
