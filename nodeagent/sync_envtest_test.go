@@ -17,7 +17,6 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
-	"github.com/layercache/layercache/controllers"
 	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/registry"
 	"github.com/layercache/layercache/internal/testenv"
@@ -38,20 +37,11 @@ func startNodeWithRegistry(t *testing.T) (*nodeSuite, *registry.Client, *testenv
 // node-b sets up a volume, then prefetched in the background once node-b
 // holds the cache. Deleting the Cache deletes its images.
 func TestCachesFollowBuildsThroughTheRegistry(t *testing.T) {
-	s, rc, reg := startNodeWithRegistry(t)
-	env := &testenv.Env{Config: s.cfg, Scheme: s.c.Scheme()}
-
-	// The manager's side: status.registry gathered and copied to the
+	// The manager's side too: status.registry gathered and copied to the
 	// NodeCaches; images deleted with the Cache.
-	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
-		Controller: ctrlconfig.Controller{SkipNameValidation: &skipNameValidation}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := (&controllers.CacheReconciler{Client: mgr.GetClient(), Registry: rc, Recorder: mgr.GetEventRecorderFor("manager")}).SetupWithManager(mgr); err != nil {
-		t.Fatal(err)
-	}
-	testenv.RunManager(t, mgr)
+	s, reg := startNodeAndManagerWithRegistry(t)
+	rc := s.registry
+	env := &testenv.Env{Config: s.cfg, Scheme: s.c.Scheme()}
 
 	// node-b: its own agent, with its own store.
 	storeB, dirB := newStore(t)

@@ -29,9 +29,9 @@ import (
 )
 
 // startNodeAndManagerWithRegistry starts node-a's agent and the manager's
-// Cache reconciler, both with a real registry.
-func startNodeAndManagerWithRegistry(t *testing.T) *nodeSuite {
-	s, rc, _ := startNodeWithRegistry(t)
+// Cache reconciler, both with a real registry (s.registry).
+func startNodeAndManagerWithRegistry(t *testing.T) (*nodeSuite, *testenv.Registry) {
+	s, rc, reg := startNodeWithRegistry(t)
 	s.registry = rc
 	env := &testenv.Env{Config: s.cfg, Scheme: s.c.Scheme()}
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
@@ -43,7 +43,7 @@ func startNodeAndManagerWithRegistry(t *testing.T) *nodeSuite {
 		t.Fatal(err)
 	}
 	testenv.RunManager(t, mgr)
-	return s
+	return s, reg
 }
 
 // registryImage waits for the Cache's status.registry to satisfy ok.
@@ -61,7 +61,7 @@ func (s *nodeSuite) registryImage(ns, name, what string, ok func(*v1alpha1.Regis
 // generation 1 again, and it is pushed. Before, the agent remembered
 // "generation 1 pushed" and skipped it until it restarted.
 func TestACommitAfterAnEvictionIsPushed(t *testing.T) {
-	s := startNodeAndManagerWithRegistry(t)
+	s, _ := startNodeAndManagerWithRegistry(t)
 	ns := s.namespace()
 	pv := s.pv("pvc-e1", attrs(ns, "evicted", true))
 	s.build(pv, map[string]string{"f": "1"}, false)
@@ -110,7 +110,7 @@ func (s *nodeSuite) pushFailures(ns, name string) (int32, string) {
 // the push was retried for ever with a PushFailed "(retrying)" warning each
 // time, and a cache with a leftover socket never synced.
 func TestAPermanentPushFailureIsNotRetried(t *testing.T) {
-	s := startNodeAndManagerWithRegistry(t)
+	s, _ := startNodeAndManagerWithRegistry(t)
 	ns := s.namespace()
 	key := engine.Key{Namespace: ns, Name: "odd"}
 	pv := s.pv("pvc-s1", attrs(ns, "odd", true))
@@ -155,7 +155,7 @@ func TestAPermanentPushFailureIsNotRetried(t *testing.T) {
 // last commit is the one the node and the registry end with, and the
 // deletion removes everything.
 func TestConcurrentOperationsOnOneCache(t *testing.T) {
-	s := startNodeAndManagerWithRegistry(t)
+	s, _ := startNodeAndManagerWithRegistry(t)
 	ns := s.namespace()
 	key := engine.Key{Namespace: ns, Name: "busy"}
 	pv := s.pv("pvc-c0", attrs(ns, "busy", true))
