@@ -53,11 +53,12 @@ func decideWrite(ctx context.Context, c client.Client, pvc *corev1.PersistentVol
 		return d, nil
 	}
 	i := slices.IndexFunc(claims, func(cl v1alpha1.Claim) bool { return cl.ClaimName == pvc.Name && cl.Cache == cache })
-	referenced := slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool {
-		return v.PersistentVolumeClaim != nil && v.PersistentVolumeClaim.ClaimName == pvc.Name
-	})
-	if i < 0 || !referenced {
-		d.reason, d.message = ReasonNotOwned, fmt.Sprintf("pod %s does not reference this claim for cache %s: its volume is read-only", pod.Name, cache)
+	if i < 0 {
+		d.reason, d.message = ReasonNotOwned, fmt.Sprintf("pod %s does not list this claim for cache %s: its volume is read-only", pod.Name, cache)
+		return d, nil
+	}
+	if err := claims[i].Validate(pod); err != nil {
+		d.reason, d.message = ReasonNotOwned, fmt.Sprintf("pod %s's claim for cache %s: %s: its volume is read-only", pod.Name, cache, err)
 		return d, nil
 	}
 	if claims[i].Trust != v1alpha1.TrustWrite {
