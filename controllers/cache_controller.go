@@ -26,7 +26,6 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
-	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/finalizers"
 	"github.com/layercache/layercache/internal/logs"
 	"github.com/layercache/layercache/internal/registry"
@@ -254,7 +253,7 @@ func (r *CacheReconciler) deleteFromRegistry(ctx context.Context, c *v1alpha1.Ca
 	if r.Registry == nil {
 		return nil
 	}
-	key := engine.Key{Namespace: c.Namespace, Name: c.Name}
+	key := registry.Cache{Namespace: c.Namespace, Name: c.Name}
 	repo, err := r.Registry.Repository(key)
 	if err != nil {
 		return nil // a name the registry cannot hold was never pushed

@@ -20,6 +20,7 @@ import (
 	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/logs"
 	"github.com/layercache/layercache/internal/registry"
+	"github.com/layercache/layercache/internal/registry/transfer"
 )
 
 // Event reasons of registry sync.
@@ -125,7 +126,7 @@ func (s *RegistrySyncer) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.
 // the Cache's newest image (an older commit must not replace a newer one:
 // last writer wins).
 func shouldPush(h engine.Generation, pushed *engine.PushRecord, newest *v1alpha1.RegistryImage) bool {
-	if h.Labels[registry.LabelDigest] != "" || len(h.Layers) == 0 {
+	if h.Labels[transfer.LabelDigest] != "" || len(h.Layers) == 0 {
 		return false
 	}
 	if pushed != nil && pushed.ID == h.ID() {
@@ -146,7 +147,7 @@ func behind(h *engine.Generation, want *v1alpha1.RegistryImage) bool {
 	if h == nil {
 		return true
 	}
-	if want.Digest() == h.Labels[registry.LabelDigest] {
+	if want.Digest() == h.Labels[transfer.LabelDigest] {
 		return false
 	}
 	return want.CommitTime.After(micro(h.Committed()))
@@ -162,7 +163,7 @@ func (s *RegistrySyncer) push(ctx context.Context, key engine.Key, cache *v1alph
 	ctx, cancel := context.WithTimeout(ctx, pushTimeout)
 	defer cancel()
 	start := time.Now()
-	p, err := s.Registry.Push(ctx, s.Store, key, h, s.NodeName)
+	p, err := transfer.Push(ctx, s.Registry, s.Store, key, h, s.NodeName)
 	registrySeconds.WithLabelValues("push").Add(time.Since(start).Seconds())
 	registryBytes.WithLabelValues("push").Add(float64(p.Bytes))
 	if errors.Is(err, engine.ErrNotEncodable) {
@@ -179,7 +180,7 @@ func (s *RegistrySyncer) push(ctx context.Context, key engine.Key, cache *v1alph
 		return err
 	}
 	registryTransfers.WithLabelValues("push", "ok").Inc()
-	repo, _ := s.Registry.Repository(key)
+	repo, _ := s.Registry.Repository(registry.Cache(key))
 	image := repo.String() + "@" + p.Digest
 	rec := engine.PushRecord{ID: h.ID(), Number: h.Number, Ref: image, Committed: h.Committed(), Pushed: time.Now().UTC()}
 	if err := s.Store.RecordPush(key, rec); errors.Is(err, engine.ErrNotFound) {
@@ -191,7 +192,7 @@ func (s *RegistrySyncer) push(ctx context.Context, key engine.Key, cache *v1alph
 	log.Info("Pushed", "image", image, "bytes", p.Bytes, "layersSent", p.LayersSent, "layers", p.Layers, "seconds", time.Since(start).Seconds())
 	s.Recorder.Eventf(cache, corev1.EventTypeNormal, ReasonPushed, "Node %s: generation %d pushed as %s (%d of %d layers sent, %s)",
 		s.NodeName, h.Number, image, p.LayersSent, p.Layers, quantity(p.Bytes))
-	if n, err := s.Registry.Prune(ctx, key, p.Digest); err != nil {
+	if n, err := s.Registry.Prune(ctx, registry.Cache(key), p.Digest); err != nil {
 		log.Error(err, "Pruning old generations from the registry failed (the next push tries again)")
 	} else if n > 0 {
 		log.V(logs.Extended).Info("Pruned old generations from the registry", "deleted", n)
@@ -205,12 +206,12 @@ func (s *RegistrySyncer) push(ctx context.Context, key engine.Key, cache *v1alph
 // stays and is pushed.
 func (s *RegistrySyncer) pull(ctx context.Context, op string, key engine.Key, cache *v1alpha1.Cache, want *v1alpha1.RegistryImage) error {
 	log := logf.FromContext(ctx).WithValues("cache", cacheRef(key), "image", want.Image)
-	opts := registry.PullOptions{Import: engine.ImportOptions{MaxBytes: defaultMaxImportBytes, MaxEntries: maxImportEntries}}
+	opts := transfer.PullOptions{Import: engine.ImportOptions{MaxBytes: defaultMaxImportBytes, MaxEntries: maxImportEntries}}
 	if cache.Spec.MaxSize != nil {
 		opts.Import.MaxBytes = cache.Spec.MaxSize.Value()
 	}
 	start := time.Now()
-	res, err := s.Registry.Pull(ctx, s.Store, key, want.Digest(), opts)
+	res, err := transfer.Pull(ctx, s.Registry, s.Store, key, want.Digest(), opts)
 	registrySeconds.WithLabelValues(op).Add(time.Since(start).Seconds())
 	registryBytes.WithLabelValues(op).Add(float64(res.Bytes))
 	if errors.Is(err, engine.ErrStale) {

@@ -19,6 +19,7 @@ import (
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/registry"
+	"github.com/layercache/layercache/internal/registry/transfer"
 	"github.com/layercache/layercache/internal/testenv"
 )
 
@@ -102,8 +103,8 @@ func TestCachesFollowBuildsThroughTheRegistry(t *testing.T) {
 	s.pvGone(pv)
 	s.eventually("node-b to prefetch the second commit", func() bool {
 		info, err := storeB.Inspect(key)
-		return err == nil && info.Head != nil && info.Head.Labels[registry.LabelDigest] != "" &&
-			info.Head.Labels[registry.LabelDigest] != first.Digest()
+		return err == nil && info.Head != nil && info.Head.Labels[transfer.LabelDigest] != "" &&
+			info.Head.Labels[transfer.LabelDigest] != first.Digest()
 	})
 	suite := &nodeSuite{t: t, ctx: s.ctx, store: storeB, dir: dirB}
 	if got := suite.content(key); got["f"] != "1" || got["g"] != "2" {
@@ -120,7 +121,7 @@ func TestCachesFollowBuildsThroughTheRegistry(t *testing.T) {
 	s.eventually("the Cache to go", func() bool {
 		return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(cache), cache))
 	})
-	if tags, err := rc.Tags(s.ctx, key); err != nil || len(tags) != 0 {
+	if tags, err := rc.Tags(s.ctx, registry.Cache(key)); err != nil || len(tags) != 0 {
 		t.Errorf("after the Cache's deletion the registry has tags %v (%v)", tags, err)
 	}
 }
@@ -227,11 +228,11 @@ func TestPrefetchOnANodeThatNeverHeldTheCache(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	p, err := rc.Push(s.ctx, other, key, *info.Head, "node-x")
+	p, err := transfer.Push(s.ctx, rc, other, key, *info.Head, "node-x")
 	if err != nil {
 		t.Fatal(err)
 	}
-	repo, _ := rc.Repository(key)
+	repo, _ := rc.Repository(registry.Cache(key))
 	img := &v1alpha1.RegistryImage{Image: repo.String() + "@" + p.Digest, Node: "node-x", Generation: res.Generation,
 		CommitTime: metav1.NewMicroTime(info.Head.Committed())}
 

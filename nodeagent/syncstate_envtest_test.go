@@ -25,6 +25,7 @@ import (
 	"github.com/layercache/layercache/controllers"
 	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/registry"
+	"github.com/layercache/layercache/internal/registry/transfer"
 	"github.com/layercache/layercache/internal/testenv"
 )
 
@@ -188,7 +189,7 @@ func TestConcurrentOperationsOnOneCache(t *testing.T) {
 	}
 	pulls := 0
 	loop("pull", func() error {
-		_, err := rc.Pull(s.ctx, s.store, key, first.Digest(), registry.PullOptions{})
+		_, err := transfer.Pull(s.ctx, rc, s.store, key, first.Digest(), transfer.PullOptions{})
 		if err == nil {
 			pulls++
 		}
@@ -256,7 +257,7 @@ func TestConcurrentOperationsOnOneCache(t *testing.T) {
 	if _, err := s.store.Inspect(key); !errors.Is(err, engine.ErrNotFound) {
 		t.Errorf("the node still holds the cache: %v", err)
 	}
-	if tags, err := rc.Tags(s.ctx, key); err != nil || len(tags) != 0 {
+	if tags, err := rc.Tags(s.ctx, registry.Cache(key)); err != nil || len(tags) != 0 {
 		t.Errorf("the registry still has tags %v (%v)", tags, err)
 	}
 	if _, err := s.store.GC(); err != nil {

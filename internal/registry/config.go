@@ -1,9 +1,9 @@
-// Package registry syncs caches through an OCI registry: a generation is
-// pushed as an image whose layers are the generation's layers (zstd tars,
-// overlay whiteouts written as OCI whiteouts), under
-// PREFIX/NAMESPACE/CACHE, and pulled back by its manifest's digest, never
-// by a tag. Layers the registry already has are not sent again, and layers
-// a node already has are not fetched again.
+// Package registry is where caches are kept across nodes, without a store:
+// naming (cache NAME of namespace NS is the repository PREFIX/NS/NAME),
+// credentials, flags, and an image's lifecycle (tags, pruning, deletion
+// with its Cache), which the manager and the node agent share. Pushing and
+// pulling, which read and write a node's store, are the node side's:
+// package transfer.
 package registry
 
 import (
@@ -18,8 +18,6 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
-
-	"github.com/layercache/layercache/engine"
 )
 
 // Config says where caches are kept.
@@ -76,12 +74,22 @@ func New(cfg Config) (*Client, error) {
 	return c, nil
 }
 
+// Cache names a cache: NAME of namespace NAMESPACE (engine.Key converts
+// to it). This package needs no store: naming, credentials and an image's
+// lifecycle are the API side's too; pushing and pulling, which read and
+// write a node's store, are in package transfer.
+type Cache struct {
+	Namespace, Name string
+}
+
 // Repository is where cache k is kept.
-func (c *Client) Repository(k engine.Key) (name.Repository, error) {
+func (c *Client) Repository(k Cache) (name.Repository, error) {
 	return name.NewRepository(c.cfg.Prefix+"/"+k.Namespace+"/"+k.Name, c.opts...)
 }
 
-func (c *Client) remoteOptions(ctxOpt remote.Option) []remote.Option {
+// RemoteOptions are the options of every request to the registry:
+// transport, credentials, and ctxOpt (the request's context).
+func (c *Client) RemoteOptions(ctxOpt remote.Option) []remote.Option {
 	opts := []remote.Option{ctxOpt, remote.WithUserAgent("layercache"), remote.WithJobs(4),
 		remote.WithRetryBackoff(remote.Backoff{Duration: 500 * time.Millisecond, Factor: 2, Jitter: 0.1, Steps: 3})}
 	if c.cfg.AuthFile != "" {

@@ -10,15 +10,13 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
-
-	"github.com/layercache/layercache/engine"
 )
 
 var ourTag = regexp.MustCompile(`^c[0-9]{20}$`)
 
 // Tags lists the generations of cache k in the registry (by their tags,
 // oldest first); none if the repository does not exist.
-func (c *Client) Tags(ctx context.Context, k engine.Key) ([]string, error) {
+func (c *Client) Tags(ctx context.Context, k Cache) ([]string, error) {
 	repo, err := c.Repository(k)
 	if err != nil {
 		return nil, err
@@ -27,7 +25,7 @@ func (c *Client) Tags(ctx context.Context, k engine.Key) ([]string, error) {
 }
 
 func (c *Client) tags(ctx context.Context, repo name.Repository) ([]string, error) {
-	all, err := remote.List(repo, c.remoteOptions(remote.WithContext(ctx))...)
+	all, err := remote.List(repo, c.RemoteOptions(remote.WithContext(ctx))...)
 	if notFound(err) {
 		return nil, nil
 	}
@@ -46,7 +44,7 @@ func (c *Client) tags(ctx context.Context, repo name.Repository) ([]string, erro
 
 // DeleteCache deletes every manifest of cache k (the registry collects the
 // blobs no manifest references). It returns how many it deleted.
-func (c *Client) DeleteCache(ctx context.Context, k engine.Key) (int, error) {
+func (c *Client) DeleteCache(ctx context.Context, k Cache) (int, error) {
 	repo, err := c.Repository(k)
 	if err != nil {
 		return 0, err
@@ -60,7 +58,7 @@ func (c *Client) DeleteCache(ctx context.Context, k engine.Key) (int, error) {
 
 // Prune deletes all but the newest Keep generations of cache k, and never
 // the manifest with digest keep (the one the Cache points at).
-func (c *Client) Prune(ctx context.Context, k engine.Key, keep string) (int, error) {
+func (c *Client) Prune(ctx context.Context, k Cache, keep string) (int, error) {
 	repo, err := c.Repository(k)
 	if err != nil {
 		return 0, err
@@ -81,7 +79,7 @@ func (c *Client) Prune(ctx context.Context, k engine.Key, keep string) (int, err
 }
 
 func (c *Client) digestOf(ctx context.Context, repo name.Repository, tag string) (string, error) {
-	d, err := remote.Head(repo.Tag(tag), c.remoteOptions(remote.WithContext(ctx))...)
+	d, err := remote.Head(repo.Tag(tag), c.RemoteOptions(remote.WithContext(ctx))...)
 	if notFound(err) {
 		return "", nil
 	}
@@ -103,7 +101,7 @@ func (c *Client) deleteTags(ctx context.Context, repo name.Repository, tags []st
 		if d == "" || kept[d] {
 			continue
 		}
-		err = remote.Delete(repo.Digest(d), c.remoteOptions(remote.WithContext(ctx))...)
+		err = remote.Delete(repo.Digest(d), c.RemoteOptions(remote.WithContext(ctx))...)
 		if err != nil && !notFound(err) {
 			return n, err
 		}

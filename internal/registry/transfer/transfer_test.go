@@ -1,4 +1,4 @@
-package registry
+package transfer
 
 import (
 	"bytes"
@@ -16,6 +16,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/registry"
 	"github.com/layercache/layercache/internal/testenv"
 )
 
@@ -37,9 +38,9 @@ func newStore(t *testing.T) *engine.Store {
 	return s
 }
 
-func newClient(t *testing.T, reg *testenv.Registry, keep int) *Client {
+func newClient(t *testing.T, reg *testenv.Registry, keep int) *registry.Client {
 	t.Helper()
-	c, err := New(Config{Prefix: reg.Addr + "/caches", Insecure: true, Keep: keep})
+	c, err := registry.New(registry.Config{Prefix: reg.Addr + "/caches", Insecure: true, Keep: keep})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,14 +161,14 @@ func TestPushThenPullOnAnotherNode(t *testing.T) {
 	}
 
 	ctx := context.Background()
-	p, err := c.Push(ctx, a, key, head, "node-a")
+	p, err := Push(ctx, c, a, key, head, "node-a")
 	if err != nil {
 		t.Fatal(err)
 	}
 	if p.Layers != 2 || p.LayersSent != 2 || p.Bytes == 0 {
 		t.Errorf("first push: %+v", p)
 	}
-	pulled, err := c.Pull(ctx, b, key, p.Digest, PullOptions{})
+	pulled, err := Pull(ctx, c, b, key, p.Digest, PullOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -187,7 +188,7 @@ func TestPushThenPullOnAnotherNode(t *testing.T) {
 	}
 
 	// Pushing the same generation again sends nothing but the manifest.
-	again, err := c.Push(ctx, a, key, head, "node-a")
+	again, err := Push(ctx, c, a, key, head, "node-a")
 	if err != nil || again.Digest != p.Digest || again.Bytes != 0 {
 		t.Errorf("second push of the same generation: %+v, %v", again, err)
 	}
@@ -204,19 +205,19 @@ func TestPushAndPullAreIncremental(t *testing.T) {
 	rand.Read(big)
 	g1 := commit(t, a, key, func(mnt string) { must(t, os.WriteFile(filepath.Join(mnt, "big"), big, 0o644)) })
 	ctx := context.Background()
-	p1, err := c.Push(ctx, a, key, g1, "a")
+	p1, err := Push(ctx, c, a, key, g1, "a")
 	must(t, err)
-	_, err = c.Pull(ctx, b, key, p1.Digest, PullOptions{})
+	_, err = Pull(ctx, c, b, key, p1.Digest, PullOptions{})
 	must(t, err)
 
 	small := bytes.Repeat([]byte("x"), 64<<10)
 	g2 := commit(t, a, key, func(mnt string) { must(t, os.WriteFile(filepath.Join(mnt, "small"), small, 0o644)) })
-	p2, err := c.Push(ctx, a, key, g2, "a")
+	p2, err := Push(ctx, c, a, key, g2, "a")
 	must(t, err)
 	if p2.LayersSent != 1 || p2.Bytes > 64<<10 || p1.Bytes < 8<<20 {
 		t.Errorf("incremental push sent %d bytes in %d layers (the first push: %d bytes)", p2.Bytes, p2.LayersSent, p1.Bytes)
 	}
-	pulled, err := c.Pull(ctx, b, key, p2.Digest, PullOptions{})
+	pulled, err := Pull(ctx, c, b, key, p2.Digest, PullOptions{})
 	must(t, err)
 	if pulled.LayersFetched != 1 || pulled.Bytes > 64<<10 {
 		t.Errorf("incremental pull fetched %d bytes in %d layers", pulled.Bytes, pulled.LayersFetched)
@@ -237,7 +238,7 @@ func TestTamperedBlobIsRejected(t *testing.T) {
 		must(t, os.WriteFile(filepath.Join(mnt, "data"), bytes.Repeat([]byte("cache "), 10000), 0o644))
 	})
 	ctx := context.Background()
-	p, err := c.Push(ctx, a, key, g, "a")
+	p, err := Push(ctx, c, a, key, g, "a")
 	must(t, err)
 	d, ok, err := a.LayerDigest(key, g.Layers[0])
 	if err != nil || !ok {
@@ -250,7 +251,7 @@ func TestTamperedBlobIsRejected(t *testing.T) {
 	data[len(data)/2] ^= 0xff
 	must(t, os.WriteFile(blob, data, 0o644))
 
-	_, err = c.Pull(ctx, b, key, p.Digest, PullOptions{})
+	_, err = Pull(ctx, c, b, key, p.Digest, PullOptions{})
 	if !errors.Is(err, ErrCorrupt) {
 		t.Fatalf("pulling a tampered blob: %v, want ErrCorrupt", err)
 	}
@@ -274,19 +275,19 @@ func TestRegistryDown(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	start := time.Now()
-	if _, err := c.Push(ctx, a, key, g, "a"); err == nil {
+	if _, err := Push(ctx, c, a, key, g, "a"); err == nil {
 		t.Fatal("pushed to a stopped registry")
 	}
-	if _, err := c.Pull(ctx, b, key, "sha256:"+strings.Repeat("0", 64), PullOptions{}); err == nil {
+	if _, err := Pull(ctx, c, b, key, "sha256:"+strings.Repeat("0", 64), PullOptions{}); err == nil {
 		t.Fatal("pulled from a stopped registry")
 	}
 	if d := time.Since(start); d > 6*time.Second {
 		t.Errorf("failing took %s, past the context's 5 s", d)
 	}
 	reg.Start()
-	p, err := c.Push(context.Background(), a, key, g, "a")
+	p, err := Push(context.Background(), c, a, key, g, "a")
 	must(t, err)
-	_, err = c.Pull(context.Background(), b, key, p.Digest, PullOptions{})
+	_, err = Pull(context.Background(), c, b, key, p.Digest, PullOptions{})
 	must(t, err)
 }
 
@@ -303,36 +304,36 @@ func TestPruneAndDelete(t *testing.T) {
 		g := commit(t, a, key, func(mnt string) {
 			must(t, os.WriteFile(filepath.Join(mnt, "f"), []byte{byte('0' + i)}, 0o644))
 		})
-		p, err := c.Push(ctx, a, key, g, "a")
+		p, err := Push(ctx, c, a, key, g, "a")
 		must(t, err)
 		digests = append(digests, p.Digest)
 	}
-	n, err := c.Prune(ctx, key, digests[0])
+	n, err := c.Prune(ctx, registry.Cache(key), digests[0])
 	must(t, err)
-	tags, err := c.Tags(ctx, key)
+	tags, err := c.Tags(ctx, registry.Cache(key))
 	must(t, err)
 	if n != 1 || len(tags) != 3 {
 		t.Errorf("pruned %d, kept tags %v; want 1 pruned and the oldest kept as in use", n, tags)
 	}
 	b := newStore(t)
-	if _, err := c.Pull(ctx, b, key, digests[1], PullOptions{}); err == nil {
+	if _, err := Pull(ctx, c, b, key, digests[1], PullOptions{}); err == nil {
 		t.Error("pulled a pruned generation")
 	}
-	if _, err := c.Pull(ctx, b, key, digests[0], PullOptions{}); err != nil {
+	if _, err := Pull(ctx, c, b, key, digests[0], PullOptions{}); err != nil {
 		t.Errorf("the generation in use was pruned: %v", err)
 	}
 
-	n, err = c.DeleteCache(ctx, key)
+	n, err = c.DeleteCache(ctx, registry.Cache(key))
 	must(t, err)
-	tags, err = c.Tags(ctx, key)
+	tags, err = c.Tags(ctx, registry.Cache(key))
 	must(t, err)
 	if n != 3 || len(tags) != 0 {
 		t.Errorf("deleted %d manifests, tags left %v", n, tags)
 	}
-	if _, err := c.Pull(ctx, newStore(t), key, digests[3], PullOptions{}); err == nil {
+	if _, err := Pull(ctx, c, newStore(t), key, digests[3], PullOptions{}); err == nil {
 		t.Error("pulled a generation of a deleted cache")
 	}
-	if n, err := c.DeleteCache(ctx, engine.Key{Namespace: "team", Name: "never-pushed"}); n != 0 || err != nil {
+	if n, err := c.DeleteCache(ctx, registry.Cache{Namespace: "team", Name: "never-pushed"}); n != 0 || err != nil {
 		t.Errorf("deleting a cache never pushed: %d, %v", n, err)
 	}
 }
@@ -347,7 +348,7 @@ func TestCredentialsFromDockerConfigJSON(t *testing.T) {
 	ctx := context.Background()
 
 	anonymous := newClient(t, reg, 0)
-	if _, err := anonymous.Push(ctx, a, key, g, "a"); err == nil {
+	if _, err := Push(ctx, anonymous, a, key, g, "a"); err == nil {
 		t.Fatal("pushed without credentials")
 	}
 	auth := filepath.Join(t.TempDir(), ".dockerconfigjson")
@@ -356,26 +357,26 @@ func TestCredentialsFromDockerConfigJSON(t *testing.T) {
 		must(t, os.WriteFile(auth, []byte(`{"auths":{"`+reg.Addr+`":{"auth":"`+cred+`"}}}`), 0o600))
 	}
 	write("builder", "wrong")
-	c, err := New(Config{Prefix: reg.Addr + "/caches", Insecure: true, AuthFile: auth})
+	c, err := registry.New(registry.Config{Prefix: reg.Addr + "/caches", Insecure: true, AuthFile: auth})
 	must(t, err)
-	if _, err := c.Push(ctx, a, key, g, "a"); err == nil {
+	if _, err := Push(ctx, c, a, key, g, "a"); err == nil {
 		t.Fatal("pushed with a wrong password")
 	}
 	write("builder", "s3cret") // the Secret was fixed: no restart needed
-	p, err := c.Push(ctx, a, key, g, "a")
+	p, err := Push(ctx, c, a, key, g, "a")
 	must(t, err)
-	if _, err := c.Pull(ctx, newStore(t), key, p.Digest, PullOptions{}); err != nil {
+	if _, err := Pull(ctx, c, newStore(t), key, p.Digest, PullOptions{}); err != nil {
 		t.Fatal(err)
 	}
 
-	for _, bad := range []Config{
+	for _, bad := range []registry.Config{
 		{Prefix: "http://" + reg.Addr},
 		{Prefix: ""},
 		{Prefix: reg.Addr + "/UPPER"},
 		{Prefix: reg.Addr, AuthFile: filepath.Join(t.TempDir(), "missing")},
 		{Prefix: reg.Addr, Keep: -1},
 	} {
-		if _, err := New(bad); err == nil {
+		if _, err := registry.New(bad); err == nil {
 			t.Errorf("New(%+v) accepted a bad configuration", bad)
 		}
 	}

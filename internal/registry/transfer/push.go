@@ -1,4 +1,9 @@
-package registry
+// Package transfer is the node side of registry sync: it pushes a
+// generation of a node's store as an OCI image (zstd tars, overlay
+// whiteouts as OCI whiteouts) and pulls an image, by its manifest's digest,
+// into the store. Layers the registry has are not sent again; layers the
+// node has are not fetched again.
+package transfer
 
 import (
 	"context"
@@ -13,6 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/registry"
 )
 
 // Manifest annotations.
@@ -39,8 +45,8 @@ type Pushed struct {
 // Push uploads generation g of cache k as an image: the layers the
 // registry lacks (by digest), then the manifest, tagged with the
 // generation's commit time. node is recorded in the manifest.
-func (c *Client) Push(ctx context.Context, s *engine.Store, k engine.Key, g engine.Generation, node string) (Pushed, error) {
-	repo, err := c.Repository(k)
+func Push(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, g engine.Generation, node string) (Pushed, error) {
+	repo, err := c.Repository(registry.Cache(k))
 	if err != nil {
 		return Pushed{}, err
 	}
@@ -73,7 +79,7 @@ func (c *Client) Push(ctx context.Context, s *engine.Store, k engine.Key, g engi
 		return Pushed{}, err
 	}
 	p := Pushed{Digest: digest.String(), Tag: commitTag(committed), Layers: len(layers)}
-	if err := remote.Write(repo.Tag(p.Tag), img, c.remoteOptions(remote.WithContext(ctx))...); err != nil {
+	if err := remote.Write(repo.Tag(p.Tag), img, c.RemoteOptions(remote.WithContext(ctx))...); err != nil {
 		return p, fmt.Errorf("pushing %s to %s: %w", k, repo, err)
 	}
 	for _, l := range layers {

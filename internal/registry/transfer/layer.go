@@ -1,4 +1,4 @@
-package registry
+package transfer
 
 import (
 	"crypto/sha256"

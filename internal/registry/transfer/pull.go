@@ -1,4 +1,4 @@
-package registry
+package transfer
 
 import (
 	"context"
@@ -19,6 +19,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/registry"
 )
 
 // ErrCorrupt: what the registry sent does not match its digest.
@@ -46,18 +47,18 @@ type Pulled struct {
 // are reused, the others are fetched in parallel, each streamed through
 // decompression into extraction and checked against its digest and diff
 // ID. Nothing is published unless every layer checks out.
-func (c *Client) Pull(ctx context.Context, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
-	res, err := c.pull(ctx, s, k, digest, opts)
+func Pull(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
+	res, err := pull(ctx, c, s, k, digest, opts)
 	if errors.Is(err, engine.ErrLayerGone) {
 		// A layer found on the node was collected before the import was
 		// published: once more, fetching it.
-		return c.pull(ctx, s, k, digest, opts)
+		return pull(ctx, c, s, k, digest, opts)
 	}
 	return res, err
 }
 
-func (c *Client) pull(ctx context.Context, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
-	repo, err := c.Repository(k)
+func pull(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
+	repo, err := c.Repository(registry.Cache(k))
 	if err != nil {
 		return Pulled{}, err
 	}
@@ -66,7 +67,7 @@ func (c *Client) pull(ctx context.Context, s *engine.Store, k engine.Key, digest
 		return Pulled{}, fmt.Errorf("manifest digest %q: %w", digest, err)
 	}
 	ref := repo.Digest(want.String())
-	m, cfg, committed, err := c.fetchManifest(ctx, ref, want)
+	m, cfg, committed, err := fetchManifest(ctx, c, ref, want)
 	if err != nil {
 		return Pulled{}, err
 	}
@@ -77,7 +78,7 @@ func (c *Client) pull(ctx context.Context, s *engine.Store, k engine.Key, digest
 			l.Discard(s) // a no-op for published or reused layers
 		}
 	}()
-	if err := c.fetchLayers(ctx, s, k, repo, m, cfg, opts, staged, &res); err != nil {
+	if err := fetchLayers(ctx, c, s, k, repo, m, cfg, opts, staged, &res); err != nil {
 		return res, fmt.Errorf("pulling %s: %w", ref, err)
 	}
 	g, err := s.PublishLayers(k, staged, engine.PublishOptions{
@@ -93,8 +94,8 @@ func (c *Client) pull(ctx context.Context, s *engine.Store, k engine.Key, digest
 // fetchManifest fetches the manifest and config of ref and checks them
 // against want and the config's digest; it returns them with the
 // generation's commit time.
-func (c *Client) fetchManifest(ctx context.Context, ref name.Digest, want v1.Hash) (*v1.Manifest, *v1.ConfigFile, time.Time, error) {
-	img, err := remote.Image(ref, c.remoteOptions(remote.WithContext(ctx))...)
+func fetchManifest(ctx context.Context, c *registry.Client, ref name.Digest, want v1.Hash) (*v1.Manifest, *v1.ConfigFile, time.Time, error) {
+	img, err := remote.Image(ref, c.RemoteOptions(remote.WithContext(ctx))...)
 	if err != nil {
 		return nil, nil, time.Time{}, fmt.Errorf("fetching %s: %w", ref, err)
 	}
@@ -134,7 +135,7 @@ func (c *Client) fetchManifest(ctx context.Context, ref name.Digest, want v1.Has
 // digest) reused, the others fetched, opts.Jobs at a time, each carrying
 // its checked digests for the engine to record when it publishes them.
 // The first failure cancels the others.
-func (c *Client) fetchLayers(ctx context.Context, s *engine.Store, k engine.Key, repo name.Repository, m *v1.Manifest, cfg *v1.ConfigFile,
+func fetchLayers(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, repo name.Repository, m *v1.Manifest, cfg *v1.ConfigFile,
 	opts PullOptions, staged []*engine.StagedLayer, res *Pulled) error {
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -161,7 +162,7 @@ func (c *Client) fetchLayers(ctx context.Context, s *engine.Store, k engine.Key,
 			case <-ctx.Done():
 				return
 			}
-			l, n, err := c.fetchLayer(ctx, s, repo, desc, cfg.RootFS.DiffIDs[i], opts.Import)
+			l, n, err := fetchLayer(ctx, c, s, repo, desc, cfg.RootFS.DiffIDs[i], opts.Import)
 			mu.Lock()
 			defer mu.Unlock()
 			res.Bytes += n
@@ -180,8 +181,8 @@ func (c *Client) fetchLayers(ctx context.Context, s *engine.Store, k engine.Key,
 
 // fetchLayer streams one blob through its decompressor into the store,
 // hashing both sides; the layer is kept only if both hashes match.
-func (c *Client) fetchLayer(ctx context.Context, s *engine.Store, repo name.Repository, desc v1.Descriptor, diffID v1.Hash, opts engine.ImportOptions) (*engine.StagedLayer, int64, error) {
-	layer, err := remote.Layer(repo.Digest(desc.Digest.String()), c.remoteOptions(remote.WithContext(ctx))...)
+func fetchLayer(ctx context.Context, c *registry.Client, s *engine.Store, repo name.Repository, desc v1.Descriptor, diffID v1.Hash, opts engine.ImportOptions) (*engine.StagedLayer, int64, error) {
+	layer, err := remote.Layer(repo.Digest(desc.Digest.String()), c.RemoteOptions(remote.WithContext(ctx))...)
 	if err != nil {
 		return nil, 0, err
 	}
