@@ -63,6 +63,9 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 	}
 	defer t.done(s) // after a successful swap the dir is empty
 	if err := s.mergeLayers(k, base.Layers, t.path); err != nil {
+		if s.chainGone(k, base.Layers) {
+			return CompactResult{}, nil // deleted or evicted meanwhile: nothing to compact
+		}
 		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)
 	}
 	failpoint("compact/merged")
@@ -114,6 +117,22 @@ func (s *Store) publishCompacted(k Key, head Generation, n int, merged string) (
 		Labels: head.Labels, ContentTime: &committed, Identity: head.ID(),
 	}
 	return g, s.publish(k, g)
+}
+
+// chainGone tells whether cache k's head no longer starts with layers (the
+// cache deleted or evicted, or its head moved to another chain), judged
+// under the cache's lock: a merge that failed meanwhile is then no error.
+func (s *Store) chainGone(k Key, layers []string) bool {
+	lock, err := s.lockCache(k)
+	if err != nil {
+		return false
+	}
+	defer lock.unlock()
+	head, ok, err := s.head(k)
+	if err != nil {
+		return false
+	}
+	return !ok || !slices.Equal(head.Layers[:min(len(layers), len(head.Layers))], layers)
 }
 
 // mergeLayers builds tmp/layer from layers (bottom first).
