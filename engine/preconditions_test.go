@@ -131,8 +131,8 @@ func TestGenerationIdentityNeverComesBack(t *testing.T) {
 		t.Fatalf("first commit = %+v, want generation 1 with an identity", first)
 	}
 	must(t, s.RecordPush(testKey, PushRecord{ID: first.ID, Ref: "registry/ns/project@sha256:1"}))
-	if p, err := s.Pushed(testKey); err != nil || p == nil || p.ID != first.ID {
-		t.Fatalf("Pushed = %+v, %v", p, err)
+	if info, err := s.Inspect(testKey); err != nil || info.Pushed == nil || info.Pushed.ID != first.ID {
+		t.Fatalf("Inspect = %+v, %v", info, err)
 	}
 	// A compaction keeps the identity: the content is the same.
 	commitTree(t, s, testKey, dir, func(mnt string) { writeTree(t, mnt, tree{"b": "2"}) })
@@ -151,8 +151,8 @@ func TestGenerationIdentityNeverComesBack(t *testing.T) {
 	if again.Generation != 1 || again.ID == first.ID || again.ID == "" {
 		t.Fatalf("after the deletion: %+v; the first commit was %+v", again, first)
 	}
-	if p, err := s.Pushed(testKey); err != nil || p != nil {
-		t.Fatalf("after the deletion Pushed = %+v, %v, want nothing", p, err)
+	if info, err := s.Inspect(testKey); err != nil || info.Pushed != nil {
+		t.Fatalf("after the deletion Inspect().Pushed = %+v, %v, want nothing", info.Pushed, err)
 	}
 	if err := s.RecordPush(Key{Namespace: "ns", Name: "gone"}, PushRecord{ID: "x"}); !errors.Is(err, ErrNotFound) {
 		t.Errorf("recording a push of a cache the node does not hold: %v, want ErrNotFound", err)

@@ -335,7 +335,7 @@ type CacheInfo struct {
 	// LastUsed is when a volume was last created from the cache, or its
 	// head committed, whichever is later.
 	LastUsed time.Time `json:"lastUsed"`
-	// Pushed is what RecordPush last recorded, if anything.
+	// Pushed is what RecordPush last recorded for the cache, if anything.
 	Pushed *PushRecord `json:"pushed,omitempty"`
 }
 
@@ -459,14 +459,6 @@ func (s *Store) RecordPush(k Key, p PushRecord) error {
 		return fmt.Errorf("cache %s: %w", k, ErrNotFound)
 	}
 	return writeJSONAtomic(s.cacheDir(k), filePushed, p)
-}
-
-// Pushed returns what RecordPush last recorded for cache k, or nil.
-func (s *Store) Pushed(k Key) (*PushRecord, error) {
-	if err := k.Validate(); err != nil {
-		return nil, err
-	}
-	return s.pushed(k)
 }
 
 func (s *Store) pushed(k Key) (*PushRecord, error) {
