@@ -7,6 +7,7 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
@@ -194,5 +195,55 @@ func TestRetainClassesAreRefused(t *testing.T) {
 	})
 	if err := s.c.Get(s.ctx, client.ObjectKey{Name: controllers.PVName(pvc)}, &corev1.PersistentVolume{}); !apierrors.IsNotFound(err) {
 		t.Errorf("a PV was provisioned for a Retain class: %v", err)
+	}
+}
+
+// The webhook fails open: a labelled pod the API server admitted without
+// it (no claims annotation) gets one CacheSkipped event and is left as
+// written; a pod of an exempt namespace, or one the webhook mutated, gets
+// none.
+func TestPodsAdmittedWithoutTheWebhookAreTold(t *testing.T) {
+	s := startWith(t, controllers.Options{Namespace: "layercache-system"})
+	ns := s.namespace()
+	skipped := buildPod(ns, "skipped", "c", "write", "")
+	delete(skipped.Annotations, v1alpha1.AnnotationClaims)
+	skipped.Spec.Volumes[0].VolumeSource = corev1.VolumeSource{EmptyDir: &corev1.EmptyDirVolumeSource{}}
+	mutated := buildPod(ns, "mutated", "c", "read", "")
+	s.create(skipped)
+	s.create(mutated)
+	s.eventually("the CacheSkipped event", func() bool {
+		return strings.Contains(s.events(ns, "skipped"), controllers.ReasonCacheSkipped+": The layercache webhook was unreachable")
+	})
+	// The mutated pod's claim is created: the manager has seen it.
+	s.pvc(ns, "mutated-c-x1")
+	if ev := s.events(ns, "mutated"); strings.Contains(ev, controllers.ReasonCacheSkipped) {
+		t.Errorf("a mutated pod was told it was skipped: %s", ev)
+	}
+	got := &corev1.Pod{}
+	if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(skipped), got); err != nil {
+		t.Fatal(err)
+	}
+	if got.Spec.Volumes[0].EmptyDir == nil || len(got.Spec.SchedulingGates) != 0 || got.Annotations[v1alpha1.AnnotationClaims] != "" {
+		t.Errorf("the skipped pod was changed: %+v", got.Spec.Volumes)
+	}
+	pvcs := &corev1.PersistentVolumeClaimList{}
+	if err := s.c.List(s.ctx, pvcs, client.InNamespace(ns)); err != nil || len(pvcs.Items) != 1 {
+		t.Errorf("want only the mutated pod's claim, have %d (%v)", len(pvcs.Items), err)
+	}
+	// An update tells nothing more (the recorder would count a repeat).
+	patch := client.MergeFrom(got.DeepCopy())
+	got.Labels["touched"] = "yes"
+	if err := s.c.Patch(s.ctx, got, patch); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	list := &corev1.EventList{}
+	if err := s.c.List(s.ctx, list, client.InNamespace(ns)); err != nil {
+		t.Fatal(err)
+	}
+	for _, ev := range list.Items {
+		if ev.Reason == controllers.ReasonCacheSkipped && (ev.InvolvedObject.Name != "skipped" || ev.Count != 1) {
+			t.Errorf("CacheSkipped for %s, %d times; want once for skipped", ev.InvolvedObject.Name, ev.Count)
+		}
 	}
 }

@@ -24,6 +24,9 @@ type Options struct {
 	// Registry, if set, is where the node agents push caches: deleting a
 	// Cache deletes its images there.
 	Registry *registry.Client
+	// Namespace is the manager's own: the webhook skips its pods and
+	// kube-system's.
+	Namespace string
 }
 
 func (o *Options) defaults() {

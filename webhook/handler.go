@@ -62,7 +62,11 @@ func Setup(mgr manager.Manager, opts Options) error {
 		Cache: mgr.GetClient(), APIReader: mgr.GetAPIReader(),
 		Decoder: admission.NewDecoder(mgr.GetScheme()), Options: opts,
 	}
-	mgr.GetWebhookServer().Register(Path, &webhook.Admission{Handler: m})
+	var h http.Handler = &webhook.Admission{Handler: m}
+	if opts.Wrap != nil {
+		h = opts.Wrap(h)
+	}
+	mgr.GetWebhookServer().Register(Path, h)
 	return nil
 }
 

@@ -2,6 +2,7 @@ package webhook
 
 import (
 	"fmt"
+	"net/http"
 	"path"
 	"strings"
 
@@ -20,6 +21,9 @@ type Options struct {
 	DefaultSize resource.Quantity
 	// MaxSize, if not zero, is the largest size a pod may ask for.
 	MaxSize resource.Quantity
+	// Wrap, if set, wraps the handler as the server serves it (the
+	// manager closes connections while it drains).
+	Wrap func(http.Handler) http.Handler
 }
 
 // request is one cache a pod asks for.

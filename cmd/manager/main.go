@@ -55,12 +55,15 @@ type config struct {
 	webhookService         string
 	webhookConfiguration   string
 	registry               registry.Flags
+	shutdownDelay          time.Duration
+	drain                  *drainer // nil in tests: no drain
 }
 
 func (c *config) bind(fs *flag.FlagSet) {
 	c.registry.Bind(fs)
 	fs.StringVar(&c.metricsAddr, "metrics-bind-address", "0", "address of the metrics endpoint (:8443 for HTTPS, :8080 for HTTP, 0 to disable)")
 	fs.BoolVar(&c.secureMetrics, "metrics-secure", true, "serve metrics over HTTPS, authenticated and authorised by the API server")
+	fs.DurationVar(&c.shutdownDelay, "shutdown-delay", 5*time.Second, "on SIGTERM, how long the webhook keeps answering, unready and closing each connection after its answer, before the manager stops (so that a rollout refuses and skips no pod)")
 	fs.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "address of the health and readiness probes")
 	fs.BoolVar(&c.enableHTTP2, "enable-http2", false, "serve the webhook and metrics over HTTP/2 (off: CVE-2023-44487)")
 	fs.BoolVar(&c.leaderElect, "leader-elect", false, "elect a leader, so that only one replica acts")
@@ -71,7 +74,7 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.StringVar(&c.defaultSize, "default-volume-size", "10Gi", "size of a cache volume's writable layer when the pod does not set layercache.io/size")
 	fs.StringVar(&c.maxSize, "max-volume-size", controllers.DefaultMaxVolumeSize.String(), "largest layercache.io/size a pod may ask for; larger requests are refused at admission, and no larger claim is ever created")
 	fs.BoolVar(&c.certRotation, "cert-rotation", false, "provision the webhook's serving certificate and CA bundle ourselves, without cert-manager")
-	fs.StringVar(&c.namespace, "namespace", os.Getenv("POD_NAMESPACE"), "the manager's namespace, for --cert-rotation (default $POD_NAMESPACE)")
+	fs.StringVar(&c.namespace, "namespace", os.Getenv("POD_NAMESPACE"), "the manager's namespace: the webhook skips its pods; for --cert-rotation (default $POD_NAMESPACE)")
 	fs.StringVar(&c.webhookSecret, "webhook-secret-name", "layercache-webhook-server-cert", "Secret that holds the certificate, for --cert-rotation")
 	fs.StringVar(&c.webhookService, "webhook-service-name", "layercache-webhook-service", "the webhook's Service, for --cert-rotation")
 	fs.StringVar(&c.webhookConfiguration, "webhook-configuration-name", "layercache-mutating-webhook-configuration", "MutatingWebhookConfiguration whose CA bundle --cert-rotation keeps current")
@@ -86,9 +89,10 @@ func main() {
 	ctrl.SetLogger(zap.New(zap.UseFlagOptions(&zapOpts)))
 	log := ctrl.Log.WithName("setup")
 
+	cfg.drain = &drainer{delay: cfg.shutdownDelay}
 	restConfig, err := ctrl.GetConfig()
 	if err == nil {
-		err = run(ctrl.SetupSignalHandler(), cfg, restConfig)
+		err = run(cfg.drain.context(), cfg, restConfig)
 	}
 	if err != nil {
 		log.Error(err, "Manager failed")
@@ -133,6 +137,9 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 		HealthProbeBindAddress: cfg.probeAddr,
 		LeaderElection:         cfg.leaderElect,
 		LeaderElectionID:       leaderElectionID,
+		// The process exits once the manager stops: the next leader
+		// need not wait for the lease to expire.
+		LeaderElectionReleaseOnCancel: true,
 		// Tests start several managers in one process.
 		Controller: ctrlconfig.Controller{SkipNameValidation: &cfg.testing},
 		Cache:      controllers.CacheOptions(),
@@ -143,12 +150,21 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err != nil {
 		return fmt.Errorf("creating the manager: %w", err)
 	}
-	if err := controllers.Setup(mgr, controllers.Options{StorageClass: cfg.storageClass, MaxVolumeSize: maxSize, Registry: reg}); err != nil {
+	if err := controllers.Setup(mgr, controllers.Options{StorageClass: cfg.storageClass, MaxVolumeSize: maxSize, Registry: reg, Namespace: cfg.namespace}); err != nil {
 		return fmt.Errorf("setting up the reconcilers: %w", err)
 	}
-	ready, err := setupWebhooks(mgr, cfg, webhook.Options{StorageClass: cfg.storageClass, DefaultSize: size, MaxSize: maxSize})
+	opts := webhook.Options{StorageClass: cfg.storageClass, DefaultSize: size, MaxSize: maxSize}
+	if cfg.drain != nil {
+		opts.Wrap = cfg.drain.wrap
+	}
+	ready, err := setupWebhooks(mgr, cfg, opts)
 	if err != nil {
 		return err
+	}
+	if cfg.drain != nil {
+		if err := mgr.AddReadyzCheck("drain", cfg.drain.ready); err != nil {
+			return err
+		}
 	}
 	if err := setupChecks(mgr, ready); err != nil {
 		return err
