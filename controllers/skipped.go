@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/fields"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
 	ctrl "sigs.k8s.io/controller-runtime"
@@ -38,7 +39,9 @@ func init() { metrics.Registry.MustRegister(podsUncached) }
 // pod: the build runs uncached, as written.
 type SkippedReconciler struct {
 	client.Client
-	Recorder record.EventRecorder
+	// APIReader lists events (the manager caches none).
+	APIReader client.Reader
+	Recorder  record.EventRecorder
 	// Exempt are the namespaces the webhook never sees (its own and
 	// kube-system): their labelled pods are not skipped, only not ours.
 	Exempt []string
@@ -46,6 +49,8 @@ type SkippedReconciler struct {
 	mu   sync.Mutex
 	seen map[types.NamespacedName]types.UID // told, until the pod is gone
 }
+
+// +kubebuilder:rbac:groups="",resources=events,verbs=list
 
 // SetupWithManager registers the reconciler for labelled pods without the
 // claims annotation.
@@ -79,13 +84,31 @@ func (r *SkippedReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ct
 		}
 		return ctrl.Result{}, client.IgnoreNotFound(err)
 	}
-	ended := pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed
-	if ended || pod.DeletionTimestamp != nil || r.seen[req.NamespacedName] == pod.UID {
+	if pod.DeletionTimestamp != nil || r.seen[req.NamespacedName] == pod.UID {
 		return ctrl.Result{}, nil
 	}
+	// A pod admitted while no replica led may have ended since, and a
+	// restarted manager sees again the pods it told: the event itself
+	// says whether it was told (events live an hour).
+	told, err := r.told(ctx, pod)
+	if err != nil {
+		return ctrl.Result{}, err
+	}
 	r.seen[req.NamespacedName] = pod.UID
+	if told {
+		return ctrl.Result{}, nil
+	}
 	podsUncached.Inc()
 	r.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonCacheSkipped,
 		"The layercache webhook was unreachable when this pod was created: it runs without cache %q", pod.Labels[v1alpha1.LabelCache])
 	return ctrl.Result{}, nil
+}
+
+// told: the pod has its CacheSkipped event.
+func (r *SkippedReconciler) told(ctx context.Context, pod *corev1.Pod) (bool, error) {
+	events := &corev1.EventList{}
+	err := r.APIReader.List(ctx, events, client.InNamespace(pod.Namespace), client.MatchingFieldsSelector{
+		Selector: fields.AndSelectors(fields.OneTermEqualSelector("involvedObject.uid", string(pod.UID)),
+			fields.OneTermEqualSelector("reason", ReasonCacheSkipped))})
+	return len(events.Items) > 0, err
 }

@@ -328,10 +328,13 @@ func TestManagerHA(t *testing.T) {
 		}
 		return *lease.Spec.HolderIdentity
 	}
-	e.eventually("a leader", 60*time.Second, func() bool { return leader() != "" })
+	e.twoManagers()
+	e.eventually("a leader that runs", 60*time.Second, func() bool {
+		pod, _, _ := strings.Cut(leader(), "_")
+		return pod != "" && c.Get(e.ctx, client.ObjectKey{Namespace: "layercache-system", Name: pod}, &corev1.Pod{}) == nil
+	})
 	first := leader()
 	firstPod, _, _ := strings.Cut(first, "_")
-	e.twoManagers()
 
 	var names []string
 	var refused []refusal
