@@ -86,6 +86,7 @@ func (r *Provisioner) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 	if err != nil {
 		return ctrl.Result{}, err
 	}
+	vc.Node = node.Name
 	pv, err := newPV(pvc, class, node, vc)
 	if err != nil {
 		return ctrl.Result{}, err

@@ -92,6 +92,12 @@ func (d *Driver) NodePublishVolume(ctx context.Context, req *csi.NodePublishVolu
 	if err != nil {
 		return nil, status.Error(codes.InvalidArgument, err.Error())
 	}
+	if vc.Node != "" && vc.Node != d.NodeName {
+		return nil, status.Errorf(codes.InvalidArgument, "volume %s is for node %s, not this one (%s)", id, vc.Node, d.NodeName)
+	}
+	if ns := req.GetVolumeContext()[podNamespaceKey]; vc.Kind == v1alpha1.KindCache && ns != "" && ns != vc.Namespace {
+		return nil, status.Errorf(codes.PermissionDenied, "volume %s holds a cache of namespace %s, not of the pod's (%s)", id, vc.Namespace, ns)
+	}
 	log := logf.FromContext(ctx).WithValues("volume", id, "target", target)
 	start := time.Now()
 	if vc.Kind == v1alpha1.KindHostDir {

@@ -172,6 +172,10 @@ func TestCSIRejects(t *testing.T) {
 	bad[v1alpha1.AttrCache] = "../etc"
 	badFallback := cacheContext(false, "", "")
 	badFallback[v1alpha1.AttrRestoreFrom] = "main,../etc"
+	otherNode := cacheContext(false, "", "")
+	otherNode[v1alpha1.AttrNode] = "node-b"
+	otherNamespace := cacheContext(false, "", "")
+	otherNamespace[podNamespaceKey] = "tenant-b"
 	tests := []struct {
 		name string
 		req  *csi.NodePublishVolumeRequest
@@ -183,6 +187,8 @@ func TestCSIRejects(t *testing.T) {
 			AccessType: &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}}}, codes.InvalidArgument},
 		{"bad cache name", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(), VolumeContext: bad}, codes.InvalidArgument},
 		{"bad fallback cache", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(), VolumeContext: badFallback}, codes.InvalidArgument},
+		{"a PV of another node", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(), VolumeContext: otherNode}, codes.InvalidArgument},
+		{"a cache of another namespace than the pod's", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(), VolumeContext: otherNamespace}, codes.PermissionDenied},
 		{"writer mounted by another pod", &csi.NodePublishVolumeRequest{VolumeId: "pvc-1", TargetPath: target, VolumeCapability: mountCapability(),
 			VolumeContext: cacheContext(true, "owner-uid", "intruder-uid")}, codes.PermissionDenied},
 		// Fail closed: without both UIDs nobody can tell whose it is.

@@ -61,6 +61,8 @@ type VolumeContext struct {
 	PodUID string
 	// RestoreFrom lists the fallback caches, in Namespace.
 	RestoreFrom []string
+	// Node is the node the volume is for (empty on PVs made before it).
+	Node string
 }
 
 // Attributes encodes the volume context as PV volume attributes.
@@ -75,6 +77,9 @@ func (v VolumeContext) Attributes() map[string]string {
 	if len(v.RestoreFrom) > 0 {
 		attrs[AttrRestoreFrom] = strings.Join(v.RestoreFrom, ",")
 	}
+	if v.Node != "" {
+		attrs[AttrNode] = v.Node
+	}
 	return attrs
 }
 
@@ -83,7 +88,7 @@ func (v VolumeContext) Attributes() map[string]string {
 // allows a commit.
 func ParseVolumeContext(attrs map[string]string) (VolumeContext, error) {
 	v := VolumeContext{Kind: attrs[AttrKind], Namespace: attrs[AttrNamespace], Cache: attrs[AttrCache],
-		Write: attrs[AttrWrite] == "true", PodUID: attrs[AttrPodUID]}
+		Write: attrs[AttrWrite] == "true", PodUID: attrs[AttrPodUID], Node: attrs[AttrNode]}
 	switch v.Kind {
 	case KindHostDir:
 		return v, nil

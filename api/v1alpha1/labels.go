@@ -98,6 +98,9 @@ const (
 	AttrCache     = "layercache.io/cache"
 	AttrWrite     = "layercache.io/write"
 	AttrPodUID    = "layercache.io/pod-uid"
+	// AttrNode is the name of the node the PV is for: the node agents'
+	// admission policy reads it (config/node-agent/policy.yaml).
+	AttrNode = "layercache.io/node"
 	// AttrRestoreFrom lists the volume's fallback caches, separated by
 	// commas (from the PVC's AnnotationRestoreFrom).
 	AttrRestoreFrom = "layercache.io/restore-from"
