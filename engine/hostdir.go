@@ -57,6 +57,11 @@ func (s *Store) MountHostDir(id, target string) error {
 	if err := unix.Mount(s.hostDirPath(id), target, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind-mounting host directory %s at %s: %w", id, target, err)
 	}
+	// A bind mount takes nosuid and nodev only from a remount.
+	if err := unix.Mount("", target, "", unix.MS_REMOUNT|unix.MS_BIND|unix.MS_NOSUID|unix.MS_NODEV, ""); err != nil {
+		_ = unix.Unmount(target, unix.MNT_DETACH)
+		return fmt.Errorf("making host directory %s at %s nosuid,nodev: %w", id, target, err)
+	}
 	return nil
 }
 

@@ -20,7 +20,9 @@ var overlayOptions = [][2]string{
 	{"index", "off"},
 }
 
-// mountOverlay mounts an overlay at target. lowers are ordered top first
+// mountOverlay mounts an overlay at target, nosuid and nodev: a build's
+// cache is data, and a setuid binary or a device node committed by one
+// build must not give the next one the node. lowers are ordered top first
 // (as overlayfs wants them).
 func mountOverlay(lowers []string, upper, work, target string) error {
 	err := mountOverlayFsconfig(lowers, upper, work, target)
@@ -68,7 +70,7 @@ func mountOverlayFsconfig(lowers []string, upper, work, target string) error {
 	if err := unix.FsconfigCreate(fd); err != nil {
 		return fmt.Errorf("creating overlay: %w%s", err, fsContextLog(fd))
 	}
-	mfd, err := unix.Fsmount(fd, unix.FSMOUNT_CLOEXEC, 0)
+	mfd, err := unix.Fsmount(fd, unix.FSMOUNT_CLOEXEC, unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NODEV)
 	if err != nil {
 		return fmt.Errorf("fsmount overlay: %w%s", err, fsContextLog(fd))
 	}
@@ -107,7 +109,7 @@ func mountOverlayLegacy(lowers []string, upper, work, target string) error {
 	if b.Len() >= os.Getpagesize() {
 		return fmt.Errorf("mounting overlay at %s: %d layers do not fit in the mount options of a kernel without lowerdir+ (compact the cache)", target, len(lowers))
 	}
-	if err := unix.Mount("overlay", target, "overlay", 0, b.String()); err != nil {
+	if err := unix.Mount("overlay", target, "overlay", unix.MS_NOSUID|unix.MS_NODEV, b.String()); err != nil {
 		return fmt.Errorf("mounting overlay at %s: %w", target, err)
 	}
 	return nil
