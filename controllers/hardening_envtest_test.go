@@ -198,6 +198,33 @@ func TestRetainClassesAreRefused(t *testing.T) {
 	}
 }
 
+// A hand-written claim of our class bigger than --max-volume-size gets no
+// volume, and says why (on main, a 1Ei claim got a 1Ei PV).
+func TestOversizedClaimsAreRefused(t *testing.T) {
+	s := startWith(t, controllers.Options{MaxVolumeSize: resource.MustParse("20Gi")})
+	ns := s.namespace()
+	class := "layercache-hostdir"
+	claim := func(name, size string) *corev1.PersistentVolumeClaim {
+		return &corev1.PersistentVolumeClaim{
+			ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, Annotations: map[string]string{controllers.AnnotationSelectedNode: "node-a"}},
+			Spec: corev1.PersistentVolumeClaimSpec{StorageClassName: &class, AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+				Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse(size)}}},
+		}
+	}
+	huge, fits := claim("huge", "1Ei"), claim("fits", "20Gi")
+	s.create(huge)
+	s.create(fits)
+	s.eventually("a ProvisioningFailed event", func() bool {
+		return strings.Contains(s.events(ns, "huge"), "asks for 1Ei, more than the largest cache volume allowed, 20Gi")
+	})
+	s.eventually("the PV of the claim that fits", func() bool {
+		return s.c.Get(s.ctx, client.ObjectKey{Name: controllers.PVName(fits)}, &corev1.PersistentVolume{}) == nil
+	})
+	if err := s.c.Get(s.ctx, client.ObjectKey{Name: controllers.PVName(huge)}, &corev1.PersistentVolume{}); !apierrors.IsNotFound(err) {
+		t.Errorf("a PV was provisioned for a 1Ei claim: %v", err)
+	}
+}
+
 // The webhook fails open: a labelled pod the API server admitted without
 // it (no claims annotation) gets one CacheSkipped event and is left as
 // written; a pod of an exempt namespace, or one the webhook mutated, gets

@@ -8,6 +8,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	storagev1 "k8s.io/api/storage/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/tools/record"
@@ -30,6 +31,9 @@ import (
 type Provisioner struct {
 	client.Client
 	Recorder record.EventRecorder
+	// MaxVolumeSize bounds every claim of our classes, hand-written ones
+	// too (default DefaultMaxVolumeSize).
+	MaxVolumeSize resource.Quantity
 }
 
 // +kubebuilder:rbac:groups=storage.k8s.io,resources=storageclasses,verbs=get;list;watch
@@ -105,6 +109,15 @@ func (r *Provisioner) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Res
 // released, so a Retain (or Recycle) class would promise what never
 // happens.
 func (r *Provisioner) checkClass(pvc *corev1.PersistentVolumeClaim, class *storagev1.StorageClass) error {
+	max := r.MaxVolumeSize
+	if max.IsZero() {
+		max = DefaultMaxVolumeSize
+	}
+	if size := pvc.Spec.Resources.Requests[corev1.ResourceStorage]; size.Cmp(max) > 0 {
+		r.Recorder.Eventf(pvc, corev1.EventTypeWarning, ReasonProvisionError,
+			"The claim asks for %s, more than the largest cache volume allowed, %s (--max-volume-size): no volume is provisioned", size.String(), max.String())
+		return reconcile.TerminalError(fmt.Errorf("size %s over --max-volume-size %s", size.String(), max.String()))
+	}
 	if class.ReclaimPolicy == nil || *class.ReclaimPolicy == corev1.PersistentVolumeReclaimDelete {
 		return nil
 	}

@@ -22,7 +22,7 @@ func Setup(mgr manager.Manager, opts Options) error {
 	opts.defaults()
 	return errors.Join(
 		(&PodReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-claims"), Options: opts}).SetupWithManager(mgr),
-		(&Provisioner{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-provisioner")}).SetupWithManager(mgr),
+		(&Provisioner{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-provisioner"), MaxVolumeSize: opts.MaxVolumeSize}).SetupWithManager(mgr),
 		(&CacheReconciler{Client: mgr.GetClient(), Registry: opts.Registry, Recorder: mgr.GetEventRecorderFor("layercache-caches")}).SetupWithManager(mgr),
 		(&SkippedReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: mgr.GetEventRecorderFor("layercache-webhook"), Exempt: []string{"kube-system", opts.Namespace}}).SetupWithManager(mgr),
 		(&NodeReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-nodes")}).SetupWithManager(mgr),
