@@ -46,6 +46,9 @@ func (o *Options) defaults() {
 // under a valid name that no other claim of the pod uses.
 func (o Options) checkClaims(pod *corev1.Pod, claims []v1alpha1.Claim) error {
 	o.defaults()
+	if len(claims) > v1alpha1.MaxCaches {
+		return fmt.Errorf("%d claims: a pod uses at most %d caches", len(claims), v1alpha1.MaxCaches)
+	}
 	names := map[string]bool{}
 	for _, c := range claims {
 		size, err := parsePositiveQuantity(c.Size)

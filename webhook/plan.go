@@ -281,8 +281,12 @@ func parseCaches(s string, ann map[string]string) ([]request, error) {
 		}
 		return nil, nil
 	}
+	items := strings.Split(s, ",")
+	if len(items) > v1alpha1.MaxCaches-1 {
+		return nil, annotationError(v1alpha1.AnnotationCaches, s, fmt.Sprintf("lists %d caches: a pod uses at most %d, its label's included", len(items), v1alpha1.MaxCaches))
+	}
 	var out []request
-	for _, item := range strings.Split(s, ",") {
+	for _, item := range items {
 		name, mountPath, ok := strings.Cut(strings.TrimSpace(item), "=")
 		name, mountPath = strings.TrimSpace(name), strings.TrimSpace(mountPath)
 		if !ok || name == "" || mountPath == "" {

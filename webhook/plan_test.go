@@ -2,6 +2,7 @@ package webhook
 
 import (
 	"encoding/json"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -59,6 +60,7 @@ func TestMakePlanRejects(t *testing.T) {
 		{"caches bad name", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: "Go=/go"}, nil, `cache name "Go" must be a DNS-1123 label`},
 		{"caches relative path", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: "go=go"}, nil, `mount path of "go" must be an absolute path`},
 		{"caches duplicate", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: "x=/other"}, nil, `names cache "x" twice`},
+		{"too many caches", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: manyCaches(8)}, nil, `lists 8 caches: a pod uses at most 8, its label's included`},
 		{"caches same path", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: "y=/cache"}, nil, `caches "x" and "y" are both mounted at /cache`},
 		{"caches empty", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: " "}, nil, `must list NAME=/mount/path pairs`},
 		{"volume-at nothing there", cacheLabel("x"), map[string]string{v1alpha1.AnnotationVolumeAt: "/workspace/src"}, nil,
@@ -338,4 +340,21 @@ func FuzzPlan(f *testing.F) {
 			}
 		}
 	})
+}
+
+// manyCaches is a layercache.io/caches value listing n caches.
+func manyCaches(n int) string {
+	var items []string
+	for i := range n {
+		items = append(items, fmt.Sprintf("c%d=/c%d", i, i))
+	}
+	return strings.Join(items, ",")
+}
+
+// MaxCaches in all is allowed: the label's and seven more.
+func TestMakePlanAllowsMaxCaches(t *testing.T) {
+	p, err := makePlan(testPod(cacheLabel("x"), map[string]string{v1alpha1.AnnotationCaches: manyCaches(v1alpha1.MaxCaches - 1)}), testOptions)
+	if err != nil || len(p.requests) != v1alpha1.MaxCaches {
+		t.Fatalf("plan of %d caches: %v, %v", v1alpha1.MaxCaches, p, err)
+	}
 }

@@ -14,6 +14,10 @@ import (
 // one parser for each thing they pass one another, so that none of them
 // can read it differently.
 
+// MaxCaches bounds the caches one pod uses: its label's and those of
+// AnnotationCaches (each is a claim, a PV and a mount on the node).
+const MaxCaches = 8
+
 // MaxRestoreFrom bounds the fallback caches a claim may list.
 const MaxRestoreFrom = 10
 
