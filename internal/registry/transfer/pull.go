@@ -25,6 +25,19 @@ import (
 // ErrCorrupt: what the registry sent does not match its digest.
 var ErrCorrupt = errors.New("content does not match its digest")
 
+// ErrTooLarge: the image is past a bound of a cache image, checked before
+// anything is fetched past the manifest.
+var ErrTooLarge = errors.New("image too large for a cache")
+
+// Bounds of a cache image that a hostile registry could otherwise use to
+// exhaust every agent that pulls or prefetches it. A cache's chain is
+// compacted at 8 layers; the kernel mounts at most 500 lower layers.
+const (
+	MaxManifestBytes = 4 << 20
+	MaxConfigBytes   = 4 << 20
+	MaxLayers        = 64
+)
+
 // PullOptions bound a pull.
 type PullOptions struct {
 	// Import bounds each layer's extraction.
@@ -67,7 +80,7 @@ func pull(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key
 		return Pulled{}, fmt.Errorf("manifest digest %q: %w", digest, err)
 	}
 	ref := repo.Digest(want.String())
-	m, cfg, committed, err := fetchManifest(ctx, c, ref, want)
+	m, cfg, committed, err := fetchManifest(ctx, c, ref, want, opts.Import.MaxBytes)
 	if err != nil {
 		return Pulled{}, err
 	}
@@ -94,7 +107,7 @@ func pull(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key
 // fetchManifest fetches the manifest and config of ref and checks them
 // against want and the config's digest; it returns them with the
 // generation's commit time.
-func fetchManifest(ctx context.Context, c *registry.Client, ref name.Digest, want v1.Hash) (*v1.Manifest, *v1.ConfigFile, time.Time, error) {
+func fetchManifest(ctx context.Context, c *registry.Client, ref name.Digest, want v1.Hash, maxBytes int64) (*v1.Manifest, *v1.ConfigFile, time.Time, error) {
 	img, err := remote.Image(ref, c.RemoteOptions(remote.WithContext(ctx))...)
 	if err != nil {
 		return nil, nil, time.Time{}, fmt.Errorf("fetching %s: %w", ref, err)
@@ -109,6 +122,9 @@ func fetchManifest(ctx context.Context, c *registry.Client, ref name.Digest, wan
 	m, err := img.Manifest()
 	if err != nil {
 		return nil, nil, time.Time{}, err
+	}
+	if err := checkBounds(len(raw), m, maxBytes); err != nil {
+		return nil, nil, time.Time{}, fmt.Errorf("%s: %w", ref, err)
 	}
 	rawConfig, err := img.RawConfigFile()
 	if err != nil {
@@ -129,6 +145,41 @@ func fetchManifest(ctx context.Context, c *registry.Client, ref name.Digest, wan
 		committed = t
 	}
 	return m, cfg, committed, nil
+}
+
+// checkBounds bounds the manifest, the config (before it is fetched: the
+// fetch stops at its descriptor's size), the layer count and the blobs'
+// total size.
+func checkBounds(manifestBytes int, m *v1.Manifest, maxBytes int64) error {
+	switch {
+	case manifestBytes > MaxManifestBytes:
+		return fmt.Errorf("manifest of %d bytes, more than %d: %w", manifestBytes, MaxManifestBytes, ErrTooLarge)
+	case m.Config.Size > MaxConfigBytes || m.Config.Size < 0:
+		return fmt.Errorf("config of %d bytes, more than %d: %w", m.Config.Size, MaxConfigBytes, ErrTooLarge)
+	case len(m.Layers) > MaxLayers:
+		return fmt.Errorf("%d layers, more than %d: %w", len(m.Layers), MaxLayers, ErrTooLarge)
+	}
+	return checkTotal(m, maxBytes)
+}
+
+// checkTotal bounds the whole image's blobs by the cache's size (each
+// layer's extraction is bounded by it too); compression gets an eighth
+// of slack.
+func checkTotal(m *v1.Manifest, maxBytes int64) error {
+	if maxBytes <= 0 {
+		return nil
+	}
+	var total int64
+	for _, l := range m.Layers {
+		if l.Size < 0 {
+			return fmt.Errorf("layer %s of size %d: %w", l.Digest, l.Size, ErrCorrupt)
+		}
+		total += l.Size
+	}
+	if limit := maxBytes + maxBytes/8; total > limit {
+		return fmt.Errorf("layers of %d bytes in all, more than the cache's bound %d: %w", total, limit, ErrTooLarge)
+	}
+	return nil
 }
 
 // fetchLayers fills staged with the image's layers: those cache k has (by

@@ -5,7 +5,11 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/base64"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -13,6 +17,8 @@ import (
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sys/unix"
 
 	"github.com/layercache/layercache/engine"
@@ -379,5 +385,78 @@ func TestCredentialsFromDockerConfigJSON(t *testing.T) {
 		if _, err := registry.New(bad); err == nil {
 			t.Errorf("New(%+v) accepted a bad configuration", bad)
 		}
+	}
+}
+
+// hostileRegistry serves the given manifests by digest, and nothing else
+// (a request for a config or a layer fails the test).
+func hostileRegistry(t *testing.T, manifests map[string][]byte) string {
+	t.Helper()
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/v2/" {
+			return
+		}
+		_, digest, ok := strings.Cut(r.URL.Path, "/manifests/")
+		raw, found := manifests[digest]
+		if !ok || !found {
+			t.Errorf("the pull asked the registry for %s %s", r.Method, r.URL.Path)
+			http.NotFound(w, r)
+			return
+		}
+		w.Header().Set("Content-Type", string(types.OCIManifestSchema1))
+		w.Header().Set("Docker-Content-Digest", digest)
+		_, _ = w.Write(raw)
+	}))
+	t.Cleanup(srv.Close)
+	return strings.TrimPrefix(srv.URL, "http://")
+}
+
+// A hostile registry's image past a cache image's bounds is refused from
+// its manifest, before its config or any layer is fetched: too many layers
+// (past the kernel's 500 lowers every mount of the cache would fail; a
+// cache's chain is compacted at 8), a huge config (every agent that
+// prefetched it would hold it in memory), layers past the cache's size in
+// all. On main, each was fetched.
+func TestOversizedImagesAreRefused(t *testing.T) {
+	requireRoot(t)
+	s := newStore(t)
+	blob := func(size int64, i int) v1.Descriptor {
+		return v1.Descriptor{MediaType: types.OCILayer, Size: size, Digest: v1.Hash{Algorithm: "sha256", Hex: fmt.Sprintf("%064x", i+1)}}
+	}
+	layers := func(n int, size int64) []v1.Descriptor {
+		var out []v1.Descriptor
+		for i := range n {
+			out = append(out, blob(size, i))
+		}
+		return out
+	}
+	tests := []struct {
+		name     string
+		config   v1.Descriptor
+		layers   []v1.Descriptor
+		maxBytes int64
+	}{
+		{"501 layers", blob(100, 1000), layers(501, 10), 0},
+		{"a 1 GiB config", blob(1<<30, 1000), layers(1, 10), 0},
+		{"layers past the cache's size", blob(100, 1000), layers(4, 1<<30), 2 << 30},
+	}
+	manifests := map[string][]byte{}
+	digests := make([]string, len(tests))
+	for i, tt := range tests {
+		raw, err := json.Marshal(v1.Manifest{SchemaVersion: 2, MediaType: types.OCIManifestSchema1, Config: tt.config, Layers: tt.layers})
+		must(t, err)
+		digests[i] = sha(raw)
+		manifests[digests[i]] = raw
+	}
+	c, err := registry.New(registry.Config{Prefix: hostileRegistry(t, manifests) + "/caches", Insecure: true})
+	must(t, err)
+	for i, tt := range tests {
+		_, err := Pull(context.Background(), c, s, key, digests[i], PullOptions{Import: engine.ImportOptions{MaxBytes: tt.maxBytes}})
+		if !errors.Is(err, ErrTooLarge) {
+			t.Errorf("%s: pull: %v, want ErrTooLarge", tt.name, err)
+		}
+	}
+	if info, err := s.Inspect(key); err == nil && info.Head != nil {
+		t.Errorf("a hostile image became generation %d", info.Head.Number)
 	}
 }
