@@ -100,17 +100,26 @@ func main() {
 	}
 }
 
-func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
-	size, err := resource.ParseQuantity(cfg.defaultSize)
+// sizes parses --default-volume-size and --max-volume-size.
+func (c config) sizes() (size, maxSize resource.Quantity, err error) {
+	size, err = resource.ParseQuantity(c.defaultSize)
 	if err != nil || size.Sign() <= 0 {
-		return fmt.Errorf("--default-volume-size %q: must be a positive quantity such as 10Gi", cfg.defaultSize)
+		return size, maxSize, fmt.Errorf("--default-volume-size %q: must be a positive quantity such as 10Gi", c.defaultSize)
 	}
-	maxSize, err := resource.ParseQuantity(cfg.maxSize)
+	maxSize, err = resource.ParseQuantity(c.maxSize)
 	if err != nil || maxSize.Sign() <= 0 {
-		return fmt.Errorf("--max-volume-size %q: must be a positive quantity such as 100Gi", cfg.maxSize)
+		return size, maxSize, fmt.Errorf("--max-volume-size %q: must be a positive quantity such as 100Gi", c.maxSize)
 	}
 	if size.Cmp(maxSize) > 0 {
-		return fmt.Errorf("--default-volume-size %s is larger than --max-volume-size %s", cfg.defaultSize, cfg.maxSize)
+		return size, maxSize, fmt.Errorf("--default-volume-size %s is larger than --max-volume-size %s", c.defaultSize, c.maxSize)
+	}
+	return size, maxSize, nil
+}
+
+func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
+	size, maxSize, err := cfg.sizes()
+	if err != nil {
+		return err
 	}
 	reg, err := cfg.registry.Client()
 	if err != nil {
@@ -161,12 +170,7 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err != nil {
 		return err
 	}
-	if cfg.drain != nil {
-		if err := mgr.AddReadyzCheck("drain", cfg.drain.ready); err != nil {
-			return err
-		}
-	}
-	if err := setupChecks(mgr, ready); err != nil {
+	if err := setupChecks(mgr, ready, cfg.drain); err != nil {
 		return err
 	}
 	ctrl.Log.WithName("setup").Info("Starting the manager", "webhooks", cfg.enableWebhooks, "leaderElection", cfg.leaderElect)
@@ -246,9 +250,13 @@ type everyReplica func(context.Context) error
 func (f everyReplica) Start(ctx context.Context) error { return f(ctx) }
 func (f everyReplica) NeedLeaderElection() bool        { return false }
 
-func setupChecks(mgr ctrl.Manager, ready healthz.Checker) error {
-	return errors.Join(
+func setupChecks(mgr ctrl.Manager, ready healthz.Checker, drain *drainer) error {
+	err := errors.Join(
 		mgr.AddHealthzCheck("healthz", healthz.Ping),
 		mgr.AddReadyzCheck("readyz", ready),
 	)
+	if drain != nil {
+		err = errors.Join(err, mgr.AddReadyzCheck("drain", drain.ready))
+	}
+	return err
 }
