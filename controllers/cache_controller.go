@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -38,8 +39,11 @@ const (
 	ReasonNoData     = "NoData"
 	ReasonFrozen     = "ReadOnly"
 	ReasonInRegistry = "InRegistry"
-	summaryMaxNodes  = 3
-	summaryNodesMore = ",..."
+	// ReasonPointerRefused: a NodeCache reported an image the manager does
+	// not adopt as the cache's registry pointer.
+	ReasonPointerRefused = "PushedImageRefused"
+	summaryMaxNodes      = 3
+	summaryNodesMore     = ",..."
 )
 
 // CacheReconciler gathers a Cache's NodeCaches (one per node that holds
@@ -58,6 +62,10 @@ type CacheReconciler struct {
 	// Registry is nil without a registry.
 	Registry *registry.Client
 	Recorder record.EventRecorder
+
+	// refused are the reports already told as refused (NodeCache UID and
+	// image): each is told once, not at every reconcile.
+	refused sync.Map
 }
 
 // Event reasons of a Cache.
@@ -195,9 +203,20 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 	}
 	before := c.DeepCopy()
 	c.Status.Nodes = nil
+	now := time.Now()
+	if reg := c.Status.Registry; reg != nil && reg.CommitTime.After(now.Add(maxClockSkew)) {
+		// Adopted before pointers were checked: it would pin the cache.
+		c.Status.Registry = nil
+	}
 	for _, nc := range list.Items {
 		if nc.Status.Pushed != nil && newerImage(nc.Status.Pushed, c.Status.Registry) {
-			c.Status.Registry = nc.Status.Pushed.DeepCopy()
+			if err := r.acceptPushed(ctx, c, &nc, now); err != nil {
+				if _, told := r.refused.LoadOrStore(string(nc.UID)+" "+nc.Status.Pushed.Image, true); !told {
+					r.Recorder.Eventf(c, corev1.EventTypeWarning, ReasonPointerRefused, "Not adopting the image NodeCache %s reports: %v", nc.Name, err)
+				}
+			} else {
+				c.Status.Registry = nc.Status.Pushed.DeepCopy()
+			}
 		}
 		if nc.DeletionTimestamp == nil && nc.Status.Generation > 0 {
 			entry := nc.Status.DeepCopy()
@@ -205,7 +224,7 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 			c.Status.Nodes = append(c.Status.Nodes, *entry)
 		}
 	}
-	summarize(c)
+	summarize(c, now)
 	for i := range list.Items {
 		if err := r.copySpec(ctx, c, &list.Items[i]); err != nil {
 			return ctrl.Result{}, err
@@ -276,6 +295,41 @@ func (r *CacheReconciler) deleteFromRegistry(ctx context.Context, c *v1alpha1.Ca
 	}
 }
 
+// maxClockSkew is how far ahead of the manager's clock a node's reported
+// time may be.
+const maxClockSkew = time.Minute
+
+// acceptPushed checks the image a NodeCache reports before it becomes the
+// cache's registry pointer, which every node pulls: it must come from the
+// NodeCache of this cache on an existing node, pushed by that node, name
+// an image of this cache's own repository by digest, and not be dated
+// ahead of the manager's clock (a fast clock or a compromised node would
+// otherwise pin the cache for ever).
+func (r *CacheReconciler) acceptPushed(ctx context.Context, c *v1alpha1.Cache, nc *v1alpha1.NodeCache, now time.Time) error {
+	p := nc.Status.Pushed
+	switch {
+	case nc.Spec.Cache != c.Name || nc.Name != v1alpha1.NodeCacheName(c.Name, nc.Spec.Node):
+		return fmt.Errorf("it is not the NodeCache of cache %s on node %s", c.Name, nc.Spec.Node)
+	case p.Node != "" && p.Node != nc.Spec.Node:
+		return fmt.Errorf("pushed by node %s, not by its own node %s", p.Node, nc.Spec.Node)
+	case p.CommitTime.After(now.Add(maxClockSkew)) || p.PushTime != nil && p.PushTime.After(now.Add(maxClockSkew)):
+		return fmt.Errorf("dated %s, ahead of the manager's clock (%s)", p.CommitTime.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
+	}
+	if r.Registry != nil {
+		repo, err := r.Registry.Repository(registry.Cache{Namespace: c.Namespace, Name: c.Name})
+		if err != nil {
+			return err
+		}
+		if !strings.HasPrefix(p.Image, repo.Name()+"@sha256:") {
+			return fmt.Errorf("image %s is not in the cache's repository %s", p.Image, repo.Name())
+		}
+	}
+	if err := r.Get(ctx, client.ObjectKey{Name: nc.Spec.Node}, &corev1.Node{}); err != nil {
+		return fmt.Errorf("node %s: %w", nc.Spec.Node, err)
+	}
+	return nil
+}
+
 // newerImage tells whether a was committed after b (pushed after b, for
 // the same commit time: a compacted chain pushed again).
 func newerImage(a, b *v1alpha1.RegistryImage) bool {
@@ -317,10 +371,17 @@ func (r *CacheReconciler) copySpec(ctx context.Context, c *v1alpha1.Cache, nc *v
 	return client.IgnoreNotFound(r.Patch(ctx, nc, client.MergeFrom(before)))
 }
 
-// summarize sorts status.nodes (newest commit first) and fills the display
-// fields and the Ready condition from them.
-func summarize(c *v1alpha1.Cache) {
+// summarize sorts status.nodes (newest commit first: the webhook prefers
+// them in that order) and fills the display fields and the Ready condition
+// from them. A node whose commit time is ahead of the manager's clock is
+// ranked as if it had none: a fast clock attracts no builds.
+func summarize(c *v1alpha1.Cache, now time.Time) {
 	nodes := c.Status.Nodes
+	for i := range nodes {
+		if t := nodes[i].LastCommitTime; t != nil && t.After(now.Add(maxClockSkew)) {
+			nodes[i].LastCommitTime = nil
+		}
+	}
 	slices.SortStableFunc(nodes, func(a, b v1alpha1.NodeCacheStatus) int {
 		switch {
 		case a.LastCommitTime == nil && b.LastCommitTime == nil:

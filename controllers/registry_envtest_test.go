@@ -1,6 +1,7 @@
 package controllers_test
 
 import (
+	"strings"
 	"testing"
 	"time"
 
@@ -163,4 +164,80 @@ func TestPrefetchOnlyOnNodesWithTheAgent(t *testing.T) {
 	s.eventually("the Cache's deletion to complete", func() bool {
 		return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(c), &v1alpha1.Cache{}))
 	})
+}
+
+// The registry pointer every node pulls takes no NodeCache's word
+// unchecked. On main, each of the refused reports below became the Cache's
+// image, and the one dated an hour ahead then pinned it: a newer commit
+// never replaced it.
+func TestRegistryPointerIsChecked(t *testing.T) {
+	rc, err := registry.New(registry.Config{Prefix: "127.0.0.1:1/caches", Insecure: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := startWith(t, controllers.Options{Registry: rc})
+	ns := s.namespace()
+	c := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "pinned"}}
+	s.create(c)
+	s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-fast"}})
+	now := time.Now()
+	image := func(repo, node, hex string, at time.Time) *v1alpha1.RegistryImage {
+		return &v1alpha1.RegistryImage{Image: "127.0.0.1:1/caches/" + repo + "@sha256:" + hex, Node: node,
+			Generation: 1, CommitTime: metav1.NewMicroTime(at)}
+	}
+	registryOf := func() *v1alpha1.RegistryImage {
+		got := &v1alpha1.Cache{}
+		if s.c.Get(s.ctx, client.ObjectKeyFromObject(c), got) != nil {
+			return nil
+		}
+		return got.Status.Registry
+	}
+	nodesOf := func() []v1alpha1.NodeCacheStatus {
+		got := &v1alpha1.Cache{}
+		_ = s.c.Get(s.ctx, client.ObjectKeyFromObject(c), got)
+		return got.Status.Nodes
+	}
+	report := func(nc *v1alpha1.NodeCache, p *v1alpha1.RegistryImage) {
+		t.Helper()
+		got := &v1alpha1.NodeCache{}
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(nc), got); err != nil {
+			t.Fatal(err)
+		}
+		before := got.DeepCopy()
+		got.Status.Pushed = p
+		if err := s.c.Status().Patch(s.ctx, got, client.MergeFrom(before)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	refused := func(what, message string) {
+		t.Helper()
+		s.eventually(what, func() bool { return strings.Contains(s.events(ns, "pinned"), message) })
+	}
+	good := image(ns+"/pinned", "node-a", "a1", now.Add(-time.Minute))
+	past := metav1.NewTime(now.Add(-time.Minute))
+	ncA := s.nodeCache(c, "node-a", v1alpha1.NodeCacheStatus{Generation: 1, LastCommitTime: &past, Pushed: good})
+	s.eventually("node-a's push to be the image", func() bool { r := registryOf(); return r != nil && r.Image == good.Image })
+
+	// A fast clock: dated an hour ahead. Not adopted, and not preferred.
+	ahead := metav1.NewTime(now.Add(time.Hour))
+	ncFast := s.nodeCache(c, "node-fast", v1alpha1.NodeCacheStatus{Generation: 1, LastCommitTime: &ahead,
+		Pushed: image(ns+"/pinned", "node-fast", "f1", now.Add(time.Hour))})
+	refused("the fast node's report refused", "ahead of the manager's clock")
+	s.eventually("both nodes in the status", func() bool { return len(nodesOf()) == 2 })
+	if nodes := nodesOf(); nodes[0].Node != "node-a" {
+		t.Errorf("the fast node is preferred: %+v", nodes)
+	}
+	// Another repository; another node's push. (A NodeCache of a node that
+	// does not exist is deleted by the Node reconciler.)
+	report(ncA, image("other/pinned", "node-a", "c1", now))
+	refused("the other repository's image refused", "is not in the cache's repository")
+	report(ncFast, image(ns+"/pinned", "node-a", "d1", now))
+	refused("another node's push refused", "pushed by node node-a, not by its own node node-fast")
+	if r := registryOf(); r == nil || r.Image != good.Image {
+		t.Fatalf("a refused report became the image: %+v", r)
+	}
+	// A newer commit, rightly reported, still replaces it.
+	newer := image(ns+"/pinned", "node-a", "e1", now.Add(time.Second))
+	report(ncA, newer)
+	s.eventually("the newer commit to be the image", func() bool { r := registryOf(); return r != nil && r.Image == newer.Image })
 }
