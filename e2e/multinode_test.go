@@ -368,44 +368,6 @@ func TestManagerHA(t *testing.T) {
 	e.settled() // every claim created and released
 }
 
-// A rollout restart of the manager while labelled pods are created: the
-// new replicas are ready before the old ones drain (maxUnavailable 0, and
-// each old replica answers, closing its connections, for
-// --shutdown-delay): none is refused and none runs uncached.
-func TestManagerRolloutRestart(t *testing.T) {
-	e := newEnv(t)
-	e.needNodes()
-	e.twoManagers()
-	var names []string
-	var refused []refusal
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		names, refused = e.storm("roll", 400, stop)
-	}()
-	time.Sleep(3 * time.Second)
-	started := time.Now()
-	kubectl(t, "-n", "layercache-system", "rollout", "restart", "deployment/layercache-controller-manager")
-	kubectl(t, "-n", "layercache-system", "rollout", "status", "deployment/layercache-controller-manager", "--timeout=180s")
-	t.Logf("rollout done in %.1fs", time.Since(started).Seconds())
-	// The last old replica drains for --shutdown-delay after the rollout
-	// reports done.
-	time.Sleep(10 * time.Second)
-	close(stop)
-	<-done
-	for _, r := range refused {
-		t.Errorf("%s refused, sent %+.3fs from the restart: %v", r.name, r.start.Sub(started).Seconds(), r.err)
-	}
-	skipped := e.uncached(names)
-	t.Logf("%d of %d creations refused, %d uncached (%v)", len(refused), len(names), len(skipped), skipped)
-	if len(skipped) > 0 {
-		t.Errorf("%d pods uncached during a rollout: %v", len(skipped), skipped)
-	}
-	e.twoManagers()
-	e.settled()
-}
-
 // twoManagers waits for 2 ready manager replicas, and no other.
 func (e *env) twoManagers() {
 	e.t.Helper()

@@ -6,7 +6,8 @@
 # with the real helm, the build-cache story in between (hack/test-helm.sh);
 # then, on config/local, a real Tekton Pipelines (hack/tekton) running a
 # pipeline whose build task's workspace is a cache, and a nested podman
-# (Debian's podman and fuse-overlayfs) whose image storage is a cache.
+# (Debian's podman and fuse-overlayfs) whose image storage is a cache; and
+# a rollout restart of the manager during a creation storm.
 # Always tears down, checking that nothing is left.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,7 +24,7 @@ rc=0
     hack/cluster/up.sh && hack/test-helm.sh && hack/deploy-local.sh &&
     hack/images/import.sh bin/tekton/*.tar bin/bench/golang.tar bin/podman/podman.tar &&
     hack/tekton/install.sh &&
-    go test -tags e2e,extended -count=1 -timeout 30m -v -run 'Tekton|Podman' ./e2e/
+    go test -tags e2e,extended -count=1 -timeout 30m -v -run 'Tekton|Podman|Rollout' ./e2e/
 } || rc=1
 hack/cluster/down.sh || rc=1
 exit $rc
