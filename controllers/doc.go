@@ -16,6 +16,9 @@ const (
 	FinalizerPVCProtection = "kubernetes.io/pvc-protection"
 	// PhaseDeleted is recorded for a pod deleted before it ended.
 	PhaseDeleted = "Deleted"
+	// PhaseDebugged is recorded for a pod that had an ephemeral container:
+	// its writes are never committed.
+	PhaseDebugged = "Debugged"
 
 	// concurrentReconciles is how many pods (and claims) the manager works
 	// on at once: builds come in bursts.

@@ -274,3 +274,45 @@ func TestPodsAdmittedWithoutTheWebhookAreTold(t *testing.T) {
 		}
 	}
 }
+
+// Metadata changed after admission steers nothing: a restore-from added to
+// a build pod's pending claim is not what its volume falls back to (the
+// pod's verified claim says), and a pod in which an ephemeral (debug)
+// container ran never commits. On main, the PV took the PVC's restore-from
+// and the debugged pod's outcome was Succeeded.
+func TestMetadataChangedAfterAdmission(t *testing.T) {
+	s := start(t)
+	ns := s.namespace()
+	pod := buildPod(ns, "build", "main", "read", "")
+	s.create(pod)
+	pvc := s.pvc(ns, "build-main-x1")
+	patch := client.MergeFrom(pvc.DeepCopy())
+	metav1.SetMetaDataAnnotation(&pvc.ObjectMeta, v1alpha1.AnnotationRestoreFrom, "secrets")
+	if err := s.c.Patch(s.ctx, pvc, patch); err != nil {
+		t.Fatal(err)
+	}
+	pv := s.schedule(pvc)
+	if from, ok := pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrRestoreFrom]; ok {
+		t.Errorf("the volume falls back to %q, which the PVC said after admission", from)
+	}
+	patch = client.MergeFrom(pvc.DeepCopy())
+	pvc.Spec.VolumeName = pv.Name
+	if err := s.c.Patch(s.ctx, pvc, patch); err != nil {
+		t.Fatal(err)
+	}
+	pod.Spec.EphemeralContainers = []corev1.EphemeralContainer{{EphemeralContainerCommon: corev1.EphemeralContainerCommon{
+		Name: "debug", Image: "busybox", ImagePullPolicy: corev1.PullIfNotPresent, TerminationMessagePolicy: corev1.TerminationMessageReadFile}}}
+	if err := s.c.SubResource("ephemeralcontainers").Update(s.ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	pod.Status = corev1.PodStatus{Phase: corev1.PodSucceeded}
+	if err := s.c.Status().Update(s.ctx, pod); err != nil {
+		t.Fatal(err)
+	}
+	s.eventually("the outcome on the PV", func() bool {
+		return s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), pv) == nil && pv.Annotations[v1alpha1.AnnotationPodPhase] != ""
+	})
+	if got := pv.Annotations[v1alpha1.AnnotationPodPhase]; got != controllers.PhaseDebugged {
+		t.Errorf("a debugged pod's outcome is %q, want %q", got, controllers.PhaseDebugged)
+	}
+}

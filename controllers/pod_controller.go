@@ -111,12 +111,17 @@ func PodClaims(pod *corev1.Pod) ([]v1alpha1.Claim, error) {
 
 // outcome says whether the pod is done with its volumes, and how it ended.
 // A pod whose deletion began before it ended never commits, whatever its
-// containers exited with: its build was interrupted.
+// containers exited with: its build was interrupted; nor does a pod that
+// had an ephemeral (debug) container.
 func outcome(pod *corev1.Pod) (string, bool) {
 	ended := pod.Status.Phase == corev1.PodSucceeded || pod.Status.Phase == corev1.PodFailed
 	switch {
 	case pod.DeletionTimestamp == nil && !ended:
 		return "", false
+	case len(pod.Spec.EphemeralContainers) > 0:
+		// Someone ran a debug container in it: its writes are not only
+		// the build's.
+		return PhaseDebugged, true
 	case pod.DeletionTimestamp == nil, endedBeforeDeletion(pod):
 		return string(pod.Status.Phase), true
 	default:

@@ -160,6 +160,11 @@ func (r *Provisioner) volumeContext(ctx context.Context, pvc *corev1.PersistentV
 	if err != nil {
 		return vc, err
 	}
+	if d.claim != nil {
+		// A build pod's claim: its fallbacks are those the webhook
+		// checked, whatever the PVC says now.
+		vc.RestoreFrom = d.claim.RestoreFrom
+	}
 	vc.Write = d.allowed
 	if d.pod != nil {
 		vc.PodUID = string(d.pod.UID)

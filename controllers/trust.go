@@ -22,6 +22,9 @@ const VerbCommit = "commit"
 type writeDecision struct {
 	allowed bool
 	pod     *corev1.Pod // the owning build pod, if any
+	// claim is the pod's claim for this PVC, checked against the pod
+	// (Claim.Validate), if the PVC is one.
+	claim *v1alpha1.Claim
 	reason  string      // event reason when not allowed
 	message string
 }
@@ -61,6 +64,7 @@ func decideWrite(ctx context.Context, c client.Client, pvc *corev1.PersistentVol
 		d.reason, d.message = ReasonNotOwned, fmt.Sprintf("pod %s's claim for cache %s: %s: its volume is read-only", pod.Name, cache, err)
 		return d, nil
 	}
+	d.claim = &claims[i]
 	if claims[i].Trust != v1alpha1.TrustWrite {
 		return d, nil // read-only as asked: nothing to report
 	}
