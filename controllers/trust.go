@@ -24,8 +24,8 @@ type writeDecision struct {
 	pod     *corev1.Pod // the owning build pod, if any
 	// claim is the pod's claim for this PVC, checked against the pod
 	// (Claim.Validate), if the PVC is one.
-	claim *v1alpha1.Claim
-	reason  string      // event reason when not allowed
+	claim   *v1alpha1.Claim
+	reason  string // event reason when not allowed
 	message string
 }
 
