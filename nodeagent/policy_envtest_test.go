@@ -2,10 +2,6 @@ package nodeagent
 
 import (
 	"context"
-	"errors"
-	"io"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -14,60 +10,20 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
-	"k8s.io/apimachinery/pkg/util/yaml"
-	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/internal/testenv"
 )
 
-// applyFiles creates every object of the YAML files (relative to the
-// repository root).
-func applyFiles(t *testing.T, env *testenv.Env, files ...string) {
-	t.Helper()
-	for _, f := range files {
-		data, err := os.Open(filepath.Join(env.Root, f))
-		if err != nil {
-			t.Fatal(err)
-		}
-		dec := yaml.NewYAMLOrJSONDecoder(data, 4096)
-		for {
-			u := &unstructured.Unstructured{}
-			if err := dec.Decode(&u.Object); errors.Is(err, io.EOF) {
-				break
-			} else if err != nil {
-				t.Fatalf("%s: %v", f, err)
-			}
-			if len(u.Object) == 0 {
-				continue
-			}
-			if err := env.Client.Create(context.Background(), u); err != nil {
-				t.Fatalf("%s: creating %s %s: %v", f, u.GetKind(), u.GetName(), err)
-			}
-		}
-		_ = data.Close()
-	}
-}
-
 // agentClient acts as the node agent's service account, with a bound
 // token's node name (none if node is empty).
 func agentClient(t *testing.T, env *testenv.Env, node string) client.Client {
-	t.Helper()
-	cfg := rest.CopyConfig(env.Config)
-	cfg.Impersonate = rest.ImpersonationConfig{
-		UserName: "system:serviceaccount:layercache-system:layercache-node-agent",
-		Groups:   []string{"system:serviceaccounts", "system:serviceaccounts:layercache-system", "system:authenticated"},
-	}
+	var extra map[string][]string
 	if node != "" {
-		cfg.Impersonate.Extra = map[string][]string{"authentication.kubernetes.io/node-name": {node}}
+		extra = map[string][]string{"authentication.kubernetes.io/node-name": {node}}
 	}
-	c, err := client.New(cfg, client.Options{Scheme: env.Scheme})
-	if err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return env.ServiceAccount(t, "layercache-system", "layercache-node-agent", extra)
 }
 
 func policyPV(name, driver string, attrs, labels map[string]string) *corev1.PersistentVolume {
@@ -91,7 +47,7 @@ func policyPV(name, driver string, attrs, labels map[string]string) *corev1.Pers
 func TestAgentReachesOnlyItsOwnNode(t *testing.T) {
 	env := testenv.Start(t)
 	ctx := context.Background()
-	applyFiles(t, env, "config/node-agent/role.yaml", "config/node-agent/role_binding.yaml", "config/node-agent/policy.yaml")
+	env.Apply(t, "config/node-agent/role.yaml", "config/node-agent/role_binding.yaml", "config/node-agent/policy.yaml")
 	admin := env.Client
 	for _, pv := range []*corev1.PersistentVolume{
 		policyPV("pv-a", v1alpha1.DriverName, map[string]string{v1alpha1.AttrNode: "node-a"}, nil),
