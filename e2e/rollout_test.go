@@ -44,4 +44,3 @@ func TestManagerRolloutRestart(t *testing.T) {
 	e.twoManagers()
 	e.settled()
 }
-
