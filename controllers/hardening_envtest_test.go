@@ -316,3 +316,34 @@ func TestMetadataChangedAfterAdmission(t *testing.T) {
 		t.Errorf("a debugged pod's outcome is %q, want %q", got, controllers.PhaseDebugged)
 	}
 }
+
+// A privileged pod that arrived with a claims annotation while the webhook
+// was down (it fails open) gets no claim, unless its namespace allows it.
+func TestPrivilegedPodsGetNoClaim(t *testing.T) {
+	s := start(t)
+	ns := s.namespace()
+	root := buildPod(ns, "root", "podman", "read", "")
+	root.Spec.Containers[0].SecurityContext = &corev1.SecurityContext{Privileged: ptr(true)}
+	s.create(root)
+	s.eventually("the refusal", func() bool {
+		return strings.Contains(s.events(ns, "root"), "container build is privileged: such a pod owns its node")
+	})
+	if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: "root-podman-x1"}, &corev1.PersistentVolumeClaim{}); !apierrors.IsNotFound(err) {
+		t.Errorf("a privileged pod got its claim: %v", err)
+	}
+	allowing := s.namespace()
+	nsObj := &corev1.Namespace{}
+	if err := s.c.Get(s.ctx, client.ObjectKey{Name: allowing}, nsObj); err != nil {
+		t.Fatal(err)
+	}
+	metav1.SetMetaDataLabel(&nsObj.ObjectMeta, v1alpha1.LabelPrivileged, v1alpha1.PrivilegedAllow)
+	if err := s.c.Update(s.ctx, nsObj); err != nil {
+		t.Fatal(err)
+	}
+	allowed := buildPod(allowing, "root", "podman", "read", "")
+	allowed.Spec.Containers[0].SecurityContext = &corev1.SecurityContext{Privileged: ptr(true)}
+	s.create(allowed)
+	s.pvc(allowing, "root-podman-x1")
+}
+
+func ptr[T any](v T) *T { return &v }

@@ -55,6 +55,7 @@ type PodReconciler struct {
 // +kubebuilder:rbac:groups="",resources=persistentvolumeclaims,verbs=get;list;watch;create;update;patch;delete
 // +kubebuilder:rbac:groups="",resources=persistentvolumes,verbs=get;list;watch;create;update;patch
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
+// +kubebuilder:rbac:groups="",resources=namespaces,verbs=get;list;watch
 
 // SetupWithManager registers the reconciler.
 func (r *PodReconciler) SetupWithManager(mgr ctrl.Manager) error {
@@ -88,6 +89,18 @@ func (r *PodReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.R
 	if err := r.Options.checkClaims(pod, claims); err != nil {
 		r.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonBadClaims, "Annotation %s: %s: no claim is created", v1alpha1.AnnotationClaims, err)
 		return ctrl.Result{}, reconcile.TerminalError(err)
+	}
+	if v1alpha1.HostAccess(pod) != "" {
+		// The webhook checked it, unless it was down and the annotation
+		// is the pod's own.
+		ns := &corev1.Namespace{}
+		if err := r.Get(ctx, client.ObjectKey{Name: pod.Namespace}, ns); err != nil {
+			return ctrl.Result{}, err
+		}
+		if err := v1alpha1.CheckHostAccess(pod, ns); err != nil {
+			r.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonBadClaims, "%s: no claim is created", err)
+			return ctrl.Result{}, reconcile.TerminalError(err)
+		}
 	}
 	ready, err := r.ensureClaims(ctx, pod, claims)
 	if err != nil || !ready {

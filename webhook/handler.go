@@ -98,6 +98,9 @@ func (m *PodMutator) Handle(ctx context.Context, req admission.Request) admissio
 	if err != nil {
 		return admission.Denied("layercache: " + err.Error())
 	}
+	if err := m.checkHostAccess(ctx, pod); err != nil {
+		return admission.Denied("layercache: " + err.Error())
+	}
 	caches := make([]*v1alpha1.Cache, len(p.requests))
 	for i, r := range p.requests {
 		caches[i] = m.lookup(ctx, pod.Namespace, r.cache)
@@ -126,6 +129,24 @@ func (m *PodMutator) Handle(ctx context.Context, req admission.Request) admissio
 	resp := admission.PatchResponseFromRaw(req.Object.Raw, data)
 	resp.Warnings = p.warnings
 	return resp
+}
+
+// +kubebuilder:rbac:groups="",resources=namespaces,verbs=get
+
+// checkHostAccess refuses a privileged or host-namespace pod a cache,
+// unless its namespace opts in (v1alpha1.LabelPrivileged).
+func (m *PodMutator) checkHostAccess(ctx context.Context, pod *corev1.Pod) error {
+	access := v1alpha1.HostAccess(pod)
+	if access == "" {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, lookupTimeout)
+	defer cancel()
+	ns := &corev1.Namespace{}
+	if err := m.APIReader.Get(ctx, client.ObjectKey{Name: pod.Namespace}, ns); err != nil {
+		return fmt.Errorf("%s, and namespace %s could not be read to see whether it allows that: %w", access, pod.Namespace, err)
+	}
+	return v1alpha1.CheckHostAccess(pod, ns)
 }
 
 // lookup returns the Cache, or nil if there is none or it cannot be read in

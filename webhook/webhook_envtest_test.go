@@ -211,6 +211,36 @@ func TestWebhookThroughTheAPIServer(t *testing.T) {
 		}
 	})
 
+	t.Run("a privileged pod gets a cache only where its namespace allows it", func(t *testing.T) {
+		privileged := func(name string) *corev1.Pod {
+			p := pod(name, map[string]string{v1alpha1.LabelCache: "podman"}, nil)
+			p.Spec.Containers[0].SecurityContext = &corev1.SecurityContext{Privileged: ptr(true)}
+			return p
+		}
+		_, err := cs.CoreV1().Pods(ns).Create(ctx, privileged("root"), metav1.CreateOptions{})
+		if err == nil || !strings.Contains(err.Error(), "container main is privileged: such a pod owns its node") ||
+			!strings.Contains(err.Error(), "layercache.io/privileged=allow") {
+			t.Fatalf("a privileged pod in a namespace that does not allow it: %v", err)
+		}
+		host := pod("host", map[string]string{v1alpha1.LabelCache: "podman"}, nil)
+		host.Spec.HostPID = true
+		if _, err := cs.CoreV1().Pods(ns).Create(ctx, host, metav1.CreateOptions{}); err == nil || !strings.Contains(err.Error(), "hostPID") {
+			t.Fatalf("a hostPID pod: %v", err)
+		}
+		allowing := newNamespace(t, ctx, c)
+		nsObj := &corev1.Namespace{}
+		if err := c.Get(ctx, client.ObjectKey{Name: allowing}, nsObj); err != nil {
+			t.Fatal(err)
+		}
+		nsObj.Labels[v1alpha1.LabelPrivileged] = v1alpha1.PrivilegedAllow
+		if err := c.Update(ctx, nsObj); err != nil {
+			t.Fatal(err)
+		}
+		if got := create(t, ctx, cs, allowing, privileged("root")); len(claimsOf(t, got)) != 1 {
+			t.Errorf("a privileged pod where the namespace allows it got no claim")
+		}
+	})
+
 	t.Run("kube-system is excluded", func(t *testing.T) {
 		got := create(t, ctx, cs, "kube-system", pod("sys", map[string]string{v1alpha1.LabelCache: "x"}, nil))
 		defer cs.CoreV1().Pods("kube-system").Delete(ctx, got.Name, metav1.DeleteOptions{})
@@ -290,3 +320,5 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(100 * time.Millisecond)
 	}
 }
+
+func ptr[T any](v T) *T { return &v }

@@ -161,3 +161,44 @@ func podAsksFor(pod *corev1.Pod, cache string) bool {
 	}
 	return false
 }
+
+// LabelPrivileged on a Namespace, set to PrivilegedAllow, lets its
+// privileged and host-namespace pods use caches. Such a pod owns its node:
+// it can rewrite the committed layers there, read the node agent's token
+// and use the CSI socket, so the trust model does not hold for it.
+const (
+	LabelPrivileged = "layercache.io/privileged"
+	PrivilegedAllow = "allow"
+)
+
+// CheckHostAccess refuses a privileged or host-namespace pod a cache
+// unless its namespace (ns) has LabelPrivileged=PrivilegedAllow.
+func CheckHostAccess(pod *corev1.Pod, ns *corev1.Namespace) error {
+	access := HostAccess(pod)
+	if access == "" || ns.Labels[LabelPrivileged] == PrivilegedAllow {
+		return nil
+	}
+	return fmt.Errorf("%s: such a pod owns its node and could rewrite the caches there; label namespace %s %s=%s to let its pods use caches anyway",
+		access, pod.Namespace, LabelPrivileged, PrivilegedAllow)
+}
+
+// HostAccess says how a pod reaches past its containers into the node (a
+// privileged container, a host namespace), or "" if it does not.
+func HostAccess(pod *corev1.Pod) string {
+	switch {
+	case pod.Spec.HostPID:
+		return "hostPID"
+	case pod.Spec.HostIPC:
+		return "hostIPC"
+	case pod.Spec.HostNetwork:
+		return "hostNetwork"
+	}
+	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, c := range cs {
+			if c.SecurityContext != nil && c.SecurityContext.Privileged != nil && *c.SecurityContext.Privileged {
+				return "container " + c.Name + " is privileged"
+			}
+		}
+	}
+	return ""
+}
