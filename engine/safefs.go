@@ -161,34 +161,50 @@ func (d *dir) emptyChild(name string) error {
 // walk calls fn for every entry below d, depth first, with the directory
 // holding it. It never follows a symlink; fn sees symlinks as entries.
 func (d *dir) walk(fn func(parent *dir, name string, st *unix.Stat_t) error) error {
-	entries, err := d.names()
+	if _, err := d.f.Seek(0, io.SeekStart); err != nil {
+		return err
+	}
+	// A batch at a time: a directory of a million entries costs a batch
+	// of names, not a million.
+	for {
+		batch, err := d.f.Readdirnames(walkBatch)
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		for _, e := range batch {
+			if err := d.visit(e, fn); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// walkBatch is how many names walk reads at once.
+const walkBatch = 512
+
+func (d *dir) visit(e string, fn func(parent *dir, name string, st *unix.Stat_t) error) error {
+	st, err := d.lstat(e)
+	if errors.Is(err, unix.ENOENT) {
+		return nil
+	}
 	if err != nil {
 		return err
 	}
-	for _, e := range entries {
-		st, err := d.lstat(e)
-		if err != nil {
-			if errors.Is(err, unix.ENOENT) {
-				continue
-			}
-			return err
-		}
-		if err := fn(d, e, &st); err != nil {
-			return err
-		}
-		if st.Mode&unix.S_IFMT == unix.S_IFDIR {
-			sub, err := d.child(e)
-			if err != nil {
-				return err
-			}
-			err = sub.walk(fn)
-			sub.Close()
-			if err != nil {
-				return err
-			}
-		}
+	if err := fn(d, e, &st); err != nil {
+		return err
 	}
-	return nil
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		return nil
+	}
+	sub, err := d.child(e)
+	if err != nil {
+		return err
+	}
+	defer sub.Close()
+	return sub.walk(fn)
 }
 
 // isEmpty reports whether d has no entries.

@@ -34,12 +34,17 @@ type counter struct {
 
 func newCounter() *counter { return &counter{seen: map[inodeKey]bool{}} }
 
+// add counts st once: only an inode with more than one link (a hard-linked
+// file; a directory has none) is remembered, so that a tree of a million
+// files costs no map of a million entries.
 func (c *counter) add(st *unix.Stat_t) bool {
-	k := inodeKey{uint64(st.Dev), st.Ino}
-	if c.seen[k] {
-		return false
+	if st.Nlink > 1 && st.Mode&unix.S_IFMT != unix.S_IFDIR {
+		k := inodeKey{uint64(st.Dev), st.Ino}
+		if c.seen[k] {
+			return false
+		}
+		c.seen[k] = true
 	}
-	c.seen[k] = true
 	c.bytes += st.Blocks * 512
 	c.inodes++
 	return true

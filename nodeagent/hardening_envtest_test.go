@@ -3,6 +3,7 @@ package nodeagent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -127,6 +128,41 @@ func TestSizesAreEnforced(t *testing.T) {
 		}
 		if _, ok := got["fits"]; !ok {
 			t.Fatalf("the neighbour's writes were not committed: %v", got)
+		}
+	})
+
+	// Empty files take no blocks: on main, 200 of them in a volume bounded
+	// to 100 inodes went unnoticed.
+	t.Run("a volume over the node's inode bound gets its pod evicted and is never committed", func(t *testing.T) {
+		s.t = t
+		key := engine.Key{Namespace: ns, Name: "inodes"}
+		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "many-files", Namespace: ns},
+			Spec: corev1.PodSpec{Containers: []corev1.Container{{Name: "build", Image: "busybox"}}}}
+		if err := s.c.Create(s.ctx, pod); err != nil {
+			t.Fatal(err)
+		}
+		a := attrs(ns, "inodes", true)
+		a[v1alpha1.AttrPodUID] = string(pod.UID)
+		pv := s.pv("pvc-i1", a)
+		target := s.publishFor(pv, pod)
+		for i := range 200 {
+			if err := os.WriteFile(filepath.Join(target, fmt.Sprintf("empty-%d", i)), nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		limiter := &SizeLimiter{Client: s.c, Store: s.store, Recorder: s.rec, MaxInodes: 100}
+		if err := limiter.Check(s.ctx); err != nil {
+			t.Fatal(err)
+		}
+		s.eventually("a VolumeSizeExceeded event naming the inode bound", func() bool {
+			ev := s.events(ns, "many-files")
+			return strings.Contains(ev, "VolumeSizeExceeded") && strings.Contains(ev, "holds 201 files and directories, more than the node's bound 100")
+		})
+		s.unpublish(pv, target)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		if got := s.content(key); len(got) != 0 {
+			t.Fatalf("the writes of a volume over its inode bound were committed: %d files", len(got))
 		}
 	})
 }

@@ -106,7 +106,7 @@ func (s *nodeSuite) pv(name string, attrs map[string]string) *corev1.PersistentV
 func (s *nodeSuite) build(pv *corev1.PersistentVolume, files map[string]string, keep bool) string {
 	s.t.Helper()
 	target := filepath.Join(s.dir, "pods", pv.Name)
-	ctx := map[string]string{podUIDKey: pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrPodUID], podNamespaceKey: "ci", podNameKey: "build-" + pv.Name}
+	ctx := map[string]string{podUIDKey: pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrPodUID], podNamespaceKey: pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrNamespace], podNameKey: "build-" + pv.Name}
 	for k, v := range pv.Spec.CSI.VolumeAttributes {
 		ctx[k] = v
 	}
@@ -263,7 +263,7 @@ func TestNodeAgentLifecycle(t *testing.T) {
 		}
 		nc := s.nodeCache(ns, "example-project")
 		n := nc.Status
-		if n.Node != "node-a" || n.Generation != 1 || n.LastCommitPod != "ci/build-pvc-1" || n.Size.IsZero() || n.LastCommitTime == nil {
+		if n.Node != "node-a" || n.Generation != 1 || n.LastCommitPod != ns+"/build-pvc-1" || n.Size.IsZero() || n.LastCommitTime == nil {
 			t.Errorf("node entry = %+v", n)
 		}
 		if err := getCache(); err != nil {

@@ -30,6 +30,9 @@ type Options struct {
 	// SizeCheckInterval is how often volume sizes are measured (zero
 	// means DefaultSizeCheckInterval).
 	SizeCheckInterval time.Duration
+	// MaxVolumeInodes bounds the files and directories of a volume's
+	// writes (zero means DefaultMaxVolumeInodes).
+	MaxVolumeInodes int64
 	// Registry, if set, is where caches are pushed and pulled from;
 	// PullTimeout bounds a pull on a volume's setup (zero means
 	// registry.DefaultPullTimeout).
@@ -77,7 +80,7 @@ func Setup(mgr manager.Manager, opts Options) error {
 		(&PVReconciler{Client: c, Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Compact: compact, Reports: reports}).SetupWithManager(mgr),
 		mgr.Add(&Maintenance{APIReader: mgr.GetAPIReader(), Client: c, Recorder: recorder, NodeName: opts.NodeName, Store: opts.Store,
 			Reports: reports, Compact: compact, Interval: opts.MaintenanceInterval, DiskBudget: opts.DiskBudget}),
-		mgr.Add(&SizeLimiter{Client: c, Store: opts.Store, Recorder: recorder, Interval: opts.SizeCheckInterval}),
+		mgr.Add(&SizeLimiter{Client: c, Store: opts.Store, Recorder: recorder, Interval: opts.SizeCheckInterval, MaxInodes: opts.MaxVolumeInodes}),
 	}
 	var syncer *RegistrySyncer
 	if opts.Registry != nil {

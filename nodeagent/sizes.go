@@ -29,6 +29,11 @@ const ReasonVolumeSizeExceeded = "VolumeSizeExceeded"
 // DefaultSizeCheckInterval is how often SizeLimiter measures the volumes.
 const DefaultSizeCheckInterval = 5 * time.Second
 
+// DefaultMaxVolumeInodes bounds the files and directories of a volume's
+// writes: empty files take no blocks, but each takes an inode of the
+// node's file system.
+const DefaultMaxVolumeInodes = 1_000_000
+
 // +kubebuilder:rbac:groups="",resources=pods/eviction,verbs=create
 
 // SizeLimiter enforces the size of cache volumes (their claim's size,
@@ -46,6 +51,9 @@ type SizeLimiter struct {
 	Store    *engine.Store
 	Recorder record.EventRecorder
 	Interval time.Duration
+	// MaxInodes bounds each volume's files and directories (zero:
+	// DefaultMaxVolumeInodes).
+	MaxInodes int64
 	// evicted remembers the volumes whose pod was evicted, so that each
 	// gets one event and one eviction.
 	evicted map[string]bool
@@ -102,7 +110,7 @@ func (l *SizeLimiter) Check(ctx context.Context) error {
 		if limit.IsZero() {
 			continue
 		}
-		used, _, err := l.Store.VolumeUsage(v.ID)
+		used, inodes, err := l.Store.VolumeUsage(v.ID)
 		if errors.Is(err, engine.ErrNotFound) {
 			continue // committed or discarded meanwhile
 		}
@@ -110,9 +118,18 @@ func (l *SizeLimiter) Check(ctx context.Context) error {
 			errs = append(errs, err)
 			continue
 		}
-		logf.FromContext(ctx).V(logs.Trace).Info("Measured volume", "volume", v.ID, "bytes", used, "limit", limit.Value())
-		if used > limit.Value() {
-			errs = append(errs, l.exceeded(ctx, v, used, limit.String()))
+		logf.FromContext(ctx).V(logs.Trace).Info("Measured volume", "volume", v.ID, "bytes", used, "inodes", inodes, "limit", limit.Value())
+		maxInodes := l.MaxInodes
+		if maxInodes <= 0 {
+			maxInodes = DefaultMaxVolumeInodes
+		}
+		switch {
+		case used > limit.Value():
+			errs = append(errs, l.exceeded(ctx, v, fmt.Sprintf("volume %s of cache %s holds %s of writes, more than its size %s (%s)",
+				v.ID, v.Cache.Name, quantity(used), limit.String(), v1alpha1.AnnotationSize)))
+		case inodes > maxInodes:
+			errs = append(errs, l.exceeded(ctx, v, fmt.Sprintf("volume %s of cache %s holds %d files and directories, more than the node's bound %d (--max-volume-inodes)",
+				v.ID, v.Cache.Name, inodes, maxInodes)))
 		}
 	}
 	for id := range l.evicted {
@@ -123,9 +140,7 @@ func (l *SizeLimiter) Check(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-func (l *SizeLimiter) exceeded(ctx context.Context, v *engine.Volume, used int64, limit string) error {
-	what := fmt.Sprintf("volume %s of cache %s holds %s of writes, more than its size %s (%s)",
-		v.ID, v.Cache.Name, quantity(used), limit, v1alpha1.AnnotationSize)
+func (l *SizeLimiter) exceeded(ctx context.Context, v *engine.Volume, what string) error {
 	if err := l.Store.ForbidCommit(v.ID, what); err != nil && !errors.Is(err, engine.ErrNotFound) {
 		return fmt.Errorf("forbidding the commit of volume %s: %w", v.ID, err)
 	}
@@ -133,7 +148,7 @@ func (l *SizeLimiter) exceeded(ctx context.Context, v *engine.Volume, used int64
 	ns, name, _ := strings.Cut(v.Labels[LabelPod], "/")
 	uid := types.UID(v.Labels[v1alpha1.AttrPodUID])
 	if ns == "" || name == "" || uid == "" {
-		logf.FromContext(ctx).Info("Volume over its size, with no pod to evict: its writes will be discarded", "volume", v.ID, "bytes", used, "limit", limit)
+		logf.FromContext(ctx).Info("Volume over its size, with no pod to evict: its writes will be discarded", "volume", v.ID, "why", what)
 		l.evicted[v.ID] = true
 		return nil
 	}
@@ -153,7 +168,7 @@ func (l *SizeLimiter) exceeded(ctx context.Context, v *engine.Volume, used int64
 	default:
 		l.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonVolumeSizeExceeded, "Evicted: %s; its writes will not be committed", what)
 	}
-	logf.FromContext(ctx).Info("Evicted a pod whose volume outgrew its size", "pod", klog.KRef(ns, name), "volume", v.ID, "bytes", used, "limit", limit)
+	logf.FromContext(ctx).Info("Evicted a pod whose volume outgrew its size", "pod", klog.KRef(ns, name), "volume", v.ID, "why", what)
 	l.evicted[v.ID] = true
 	return nil
 }

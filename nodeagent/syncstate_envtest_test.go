@@ -34,6 +34,10 @@ import (
 func startNodeAndManagerWithRegistry(t *testing.T) (*nodeSuite, *testenv.Registry) {
 	s, rc, reg := startNodeWithRegistry(t)
 	s.registry = rc
+	// The manager adopts pushes only from nodes that exist.
+	if err := s.c.Create(s.ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-a"}}); err != nil && !apierrors.IsAlreadyExists(err) {
+		t.Fatal(err)
+	}
 	env := &testenv.Env{Config: s.cfg, Scheme: s.c.Scheme()}
 	mgr, err := ctrl.NewManager(env.Config, ctrl.Options{Scheme: env.Scheme, Metrics: metricsserver.Options{BindAddress: "0"},
 		Controller: ctrlconfig.Controller{SkipNameValidation: &skipNameValidation}})

@@ -35,6 +35,7 @@ type config struct {
 	compactThreshold           int
 	maintenanceInterval        time.Duration
 	sizeCheckInterval          time.Duration
+	maxVolumeInodes            int64
 	diskBudget                 string
 	registry                   registry.Flags
 }
@@ -48,6 +49,7 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.IntVar(&c.compactThreshold, "compact-threshold", engine.DefaultCompactThreshold, "chain length at which a cache is compacted")
 	fs.DurationVar(&c.maintenanceInterval, "maintenance-interval", 5*time.Minute, "how often GC, orphan removal and the disk budget run")
 	fs.DurationVar(&c.sizeCheckInterval, "volume-size-check-interval", nodeagent.DefaultSizeCheckInterval, "how often each volume's writes are measured against its size (a volume over it gets its pod evicted)")
+	fs.Int64Var(&c.maxVolumeInodes, "max-volume-inodes", nodeagent.DefaultMaxVolumeInodes, "most files and directories a volume's writes may hold (a volume over it gets its pod evicted, as for its size)")
 	c.registry.BindNode(fs)
 	fs.StringVar(&c.diskBudget, "max-disk-usage", "", "evict least recently used caches when the node's caches use more (e.g. 100Gi; empty for no limit)")
 }
@@ -84,6 +86,9 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if cfg.sizeCheckInterval <= 0 {
 		return fmt.Errorf("--volume-size-check-interval %s: must be positive", cfg.sizeCheckInterval)
 	}
+	if cfg.maxVolumeInodes <= 0 {
+		return fmt.Errorf("--max-volume-inodes %d: must be positive", cfg.maxVolumeInodes)
+	}
 	if cfg.registry.PullTimeout <= 0 {
 		return fmt.Errorf("--registry-pull-timeout %s: must be positive", cfg.registry.PullTimeout)
 	}
@@ -117,7 +122,7 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	}
 	if err := nodeagent.Setup(mgr, nodeagent.Options{
 		NodeName: cfg.nodeName, Store: store, KubeletDir: cfg.kubeletDir,
-		MaintenanceInterval: cfg.maintenanceInterval, DiskBudget: budget, SizeCheckInterval: cfg.sizeCheckInterval,
+		MaintenanceInterval: cfg.maintenanceInterval, DiskBudget: budget, SizeCheckInterval: cfg.sizeCheckInterval, MaxVolumeInodes: cfg.maxVolumeInodes,
 		Registry: reg, PullTimeout: cfg.registry.PullTimeout,
 	}); err != nil {
 		return err
