@@ -245,7 +245,7 @@ func restoreNode(t *testing.T, name string, k int) {
 	})
 }
 
-// storm creates labelled pods, one every 200 ms, until stop is closed or
+// storm creates labelled pods, one every interval, until stop is closed or
 // max are created. It returns the names created and the refusals.
 type refusal struct {
 	name  string
@@ -253,7 +253,7 @@ type refusal struct {
 	err   error
 }
 
-func (e *env) storm(prefix string, max int, stop <-chan struct{}) ([]string, []refusal) {
+func (e *env) storm(prefix string, max int, interval time.Duration, stop <-chan struct{}) ([]string, []refusal) {
 	var (
 		names   []string
 		refused []refusal
@@ -280,7 +280,7 @@ func (e *env) storm(prefix string, max int, stop <-chan struct{}) ([]string, []r
 				mu.Unlock()
 			}
 		}()
-		time.Sleep(200 * time.Millisecond)
+		time.Sleep(interval)
 	}
 	wg.Wait()
 	return names, refused
@@ -341,7 +341,7 @@ func TestManagerHA(t *testing.T) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		names, refused = e.storm("ha", 150, nil)
+		names, refused = e.storm("ha", 150, 200*time.Millisecond, nil)
 	}()
 	time.Sleep(5 * time.Second)
 	killed := time.Now()
