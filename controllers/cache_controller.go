@@ -63,8 +63,8 @@ type CacheReconciler struct {
 	Registry *registry.Client
 	Recorder record.EventRecorder
 
-	// refused are the reports already told as refused (NodeCache UID and
-	// image): each is told once, not at every reconcile.
+	// refused is, per NodeCache UID, the last image told as refused: each
+	// report is told once, not at every reconcile.
 	refused sync.Map
 }
 
@@ -211,7 +211,7 @@ func (r *CacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl
 	for _, nc := range list.Items {
 		if nc.Status.Pushed != nil && newerImage(nc.Status.Pushed, c.Status.Registry) {
 			if err := r.acceptPushed(ctx, c, &nc, now); err != nil {
-				if _, told := r.refused.LoadOrStore(string(nc.UID)+" "+nc.Status.Pushed.Image, true); !told {
+				if last, _ := r.refused.Swap(nc.UID, nc.Status.Pushed.Image); last != nc.Status.Pushed.Image {
 					r.Recorder.Eventf(c, corev1.EventTypeWarning, ReasonPointerRefused, "Not adopting the image NodeCache %s reports: %v", nc.Name, err)
 				}
 			} else {
