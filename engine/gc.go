@@ -43,6 +43,8 @@ func (s *Store) GC() (GCResult, error) {
 }
 
 func (s *Store) gcCache(k Key, res *GCResult) error {
+	var bin trashBin
+	defer bin.empty(s)
 	lock, err := s.lockCache(k)
 	if err != nil {
 		return err
@@ -56,7 +58,7 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 	if err := s.gcGenerations(k, refs, res); err != nil {
 		return err
 	}
-	layers, removed, err := s.gcLayers(k, refs.layers, res)
+	layers, removed, err := s.gcLayers(k, refs.layers, res, &bin)
 	if err != nil {
 		return err
 	}
@@ -66,7 +68,7 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 	if !refs.hasHead && layers == removed && len(refs.generations) == 0 && !refs.volumesOn {
 		// Nothing left of this cache: a commit that never published, or
 		// a cache whose volumes all went away before any commit.
-		if err := s.trash(s.cacheDir(k)); err != nil {
+		if err := bin.trash(s, s.cacheDir(k)); err != nil {
 			return err
 		}
 		res.Caches++
@@ -169,7 +171,7 @@ func (s *Store) gcGenerations(k Key, refs gcRefs, res *GCResult) error {
 
 // gcLayers moves the layers not in keep to the trash and deletes them; it
 // returns how many layers there were and how many it removed.
-func (s *Store) gcLayers(k Key, keep map[string]bool, res *GCResult) (int, int, error) {
+func (s *Store) gcLayers(k Key, keep map[string]bool, res *GCResult, bin *trashBin) (int, int, error) {
 	layersDir := filepath.Join(s.cacheDir(k), dirLayers)
 	entries, err := os.ReadDir(layersDir)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -188,7 +190,7 @@ func (s *Store) gcLayers(k Key, keep map[string]bool, res *GCResult) (int, int, 
 	if err != nil {
 		return 0, 0, err
 	}
-	defer t.done(s)
+	bin.keep(t)
 	for _, id := range garbage {
 		if err := os.Rename(filepath.Join(layersDir, id), filepath.Join(t.path, id)); err != nil {
 			return 0, 0, fmt.Errorf("removing layer %s: %w", id, err)

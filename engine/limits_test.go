@@ -7,6 +7,8 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // writeVolume creates a writable volume of k holding files, unmounted.
@@ -114,4 +116,47 @@ func TestFirstCommitSyncsNewDirectoriesBeforeTheHead(t *testing.T) {
 	if _, err := os.Stat(filepath.Join(cacheDir, fileHead)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// Long deletes run outside the cache's lock: a discarded volume, a deleted
+// cache and the layers GC drops are renamed away under it, and deleted
+// after it is released, so that one pod's 300,000 files stall no other
+// volume of the cache. On main, they were deleted under the lock.
+func TestLongDeletesRunOutsideTheCacheLock(t *testing.T) {
+	s, dir := newTestStore(t, Options{})
+	var deletes, underLock int
+	failpointHook = func(name string) {
+		if name != "trash/deleting" {
+			return
+		}
+		deletes++
+		f, err := os.Open(filepath.Join(s.Root(), dirLocks, testKey.Namespace+"."+testKey.Name+".lock"))
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		defer f.Close()
+		if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+			underLock++
+			return
+		}
+		_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	}
+	defer func() { failpointHook = nil }()
+
+	commitTree(t, s, testKey, dir, func(mnt string) { writeTree(t, mnt, tree{"a": "1"}) })
+	commitTree(t, s, testKey, dir, func(mnt string) { writeTree(t, mnt, tree{"b": "2"}) })
+	if err := s.Discard(writeVolume(t, s, testKey, dir, tree{"big": "x"})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.GC(); err != nil { // drops the first generation's layer
+		t.Fatal(err)
+	}
+	if err := s.DeleteCache(testKey); err != nil {
+		t.Fatal(err)
+	}
+	if deletes < 3 || underLock > 0 {
+		t.Fatalf("%d deletes, %d of them under the cache's lock: want at least 3, none under it", deletes, underLock)
+	}
+	assertNoOrphans(t, s)
 }

@@ -410,6 +410,8 @@ func (s *Store) EvictIfIdle(k Key, idle time.Duration) error {
 }
 
 func (s *Store) deleteCache(k Key, idle time.Duration) error {
+	var bin trashBin
+	defer bin.empty(s)
 	lock, err := s.lockCache(k)
 	if err != nil {
 		return err
@@ -425,7 +427,7 @@ func (s *Store) deleteCache(k Key, idle time.Duration) error {
 	if since := time.Since(info.LastUsed); idle >= 0 && since < idle {
 		return fmt.Errorf("cache %s was used %s ago, less than %s: %w", k, since.Round(time.Second), idle, ErrInUse)
 	}
-	return s.trash(s.cacheDir(k))
+	return bin.trash(s, s.cacheDir(k))
 }
 
 // PushRecord says that a generation of a cache was pushed elsewhere (a
@@ -473,25 +475,52 @@ func (s *Store) pushed(k Key) (*PushRecord, error) {
 	return &p, nil
 }
 
-// trash moves path into ROOT/tmp (one rename, so it disappears at once) and
-// then deletes it. If the process dies while deleting, GC finishes the job.
+// trash removes path at once: renamed into the temporary area (atomic),
+// then deleted.
 func (s *Store) trash(path string) error {
+	var bin trashBin
+	defer bin.empty(s)
+	return bin.trash(s, path)
+}
+
+// trashBin holds what an operation renamed away under a cache's lock, to be
+// deleted once the lock is released: deleting a tree of 300,000 files then
+// stalls no other operation of the cache. Each entry stays a locked
+// temporary entry until deleted, so GC leaves it alone; after a crash, GC
+// deletes it. The pattern: "var bin trashBin; defer bin.empty(s)" before
+// the lock is taken, so that it runs after the unlock.
+type trashBin struct{ dirs []*tempDir }
+
+// trash renames path into a temporary entry of the bin; a path that does
+// not exist is not an error.
+func (b *trashBin) trash(s *Store, path string) error {
 	t, err := s.newTempDir("trash")
 	if err != nil {
 		return err
 	}
-	defer t.release()
 	if err := os.Rename(path, filepath.Join(t.path, "x")); err != nil {
+		t.done(s)
 		if errors.Is(err, fs.ErrNotExist) {
-			return os.Remove(t.path)
+			return nil
 		}
 		return fmt.Errorf("removing %s: %w", path, err)
 	}
+	b.dirs = append(b.dirs, t)
 	failpoint("trash/renamed")
-	if err := syncDir(filepath.Dir(path)); err != nil {
-		return err
+	return syncDir(filepath.Dir(path))
+}
+
+// keep adds a temporary entry the caller filled to the bin.
+func (b *trashBin) keep(t *tempDir) { b.dirs = append(b.dirs, t) }
+
+// empty deletes what the bin holds. A failure is not the caller's: what is
+// left is an unlocked temporary entry, which GC deletes.
+func (b *trashBin) empty(s *Store) {
+	for _, t := range b.dirs {
+		failpoint("trash/deleting")
+		t.done(s)
 	}
-	return s.removeTemp(t.path)
+	b.dirs = nil
 }
 
 // removeTemp deletes an entry of ROOT/tmp without following symlinks.

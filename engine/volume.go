@@ -358,6 +358,8 @@ func (s *Store) Discard(id string) error {
 	if err != nil {
 		return err
 	}
+	var bin trashBin
+	defer bin.empty(s)
 	lock, err := s.lockCache(v.Cache)
 	if err != nil {
 		return err
@@ -366,7 +368,7 @@ func (s *Store) Discard(id string) error {
 	if err := s.ensureUnmounted(id); err != nil {
 		return err
 	}
-	return s.trash(s.volumeDir(id))
+	return bin.trash(s, s.volumeDir(id))
 }
 
 // CommitResult says what a commit did.
@@ -433,6 +435,8 @@ func (s *Store) Commit(id string) (CommitResult, error) {
 // success. Committing a volume that a crash interrupted finishes that
 // commit.
 func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) {
+	var bin trashBin
+	defer bin.empty(s)
 	v, lock, err := s.lockVolume(id)
 	if err != nil {
 		return CommitResult{}, err
@@ -452,7 +456,7 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 	layer := v.CommitLayer
 	if layer == "" {
 		var empty bool
-		if layer, empty, err = s.recordCommitIntent(v, opts); err != nil || empty {
+		if layer, empty, err = s.recordCommitIntent(v, opts, &bin); err != nil || empty {
 			return CommitResult{}, err
 		}
 	}
@@ -473,7 +477,7 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 		return CommitResult{}, fmt.Errorf("committing volume %s: %w", id, err)
 	}
 	failpoint("commit/published")
-	if err := s.trash(s.volumeDir(id)); err != nil {
+	if err := bin.trash(s, s.volumeDir(id)); err != nil {
 		return CommitResult{}, err
 	}
 	return CommitResult{Committed: true, Generation: g.Number, Layer: layer, ID: g.ID(), ChainLength: len(g.Layers)}, nil
@@ -483,7 +487,7 @@ func (s *Store) CommitWith(id string, opts CommitOptions) (CommitResult, error) 
 // records the layer ID it will be renamed to (a crash after the rename is
 // then finished by the next Commit instead of losing the upper dir). An
 // empty upper dir commits nothing: the volume is removed, empty is true.
-func (s *Store) recordCommitIntent(v *Volume, opts CommitOptions) (layer string, empty bool, err error) {
+func (s *Store) recordCommitIntent(v *Volume, opts CommitOptions, bin *trashBin) (layer string, empty bool, err error) {
 	upper, err := openRoot(s.upperDir(v.ID))
 	if err != nil {
 		return "", false, fmt.Errorf("committing volume %s: %w", v.ID, err)
@@ -498,7 +502,7 @@ func (s *Store) recordCommitIntent(v *Volume, opts CommitOptions) (layer string,
 		return "", false, fmt.Errorf("committing volume %s: %w", v.ID, err)
 	}
 	if empty {
-		return "", true, s.trash(s.volumeDir(v.ID))
+		return "", true, bin.trash(s, s.volumeDir(v.ID))
 	}
 	if opts.MaxBytes > 0 {
 		if err := s.checkCommitSize(v, opts.MaxBytes); err != nil {
