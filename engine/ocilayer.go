@@ -238,6 +238,23 @@ func (s *Store) ImportLayer(r io.Reader, opts ImportOptions) (*StagedLayer, erro
 	return staged, nil
 }
 
+// StageFile creates a file in the store's temporary area, on the store's
+// own disk, for data to be checked before the store uses it (a pulled
+// blob, before its digest is known good). done closes and removes it;
+// after a crash, GC does.
+func (s *Store) StageFile(kind string) (f *os.File, done func(), err error) {
+	t, err := s.newTempDir(kind)
+	if err != nil {
+		return nil, nil, err
+	}
+	f, err = os.OpenFile(filepath.Join(t.path, "data"), os.O_RDWR|os.O_CREATE|os.O_EXCL, 0o600)
+	if err != nil {
+		t.done(s)
+		return nil, nil, fmt.Errorf("creating a staging file: %w", err)
+	}
+	return f, func() { f.Close(); t.done(s) }, nil
+}
+
 type dirTimes struct {
 	rel string
 	ts  []unix.Timespec

@@ -1,6 +1,7 @@
 package transfer
 
 import (
+	"bufio"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -8,6 +9,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"os"
 	"sync"
 	"time"
 
@@ -230,61 +232,96 @@ func fetchLayers(ctx context.Context, c *registry.Client, s *engine.Store, k eng
 	return context.Cause(ctx)
 }
 
-// fetchLayer streams one blob through its decompressor into the store,
-// hashing both sides; the layer is kept only if both hashes match.
+// fetchLayer stages one blob on the store's disk, hashing it as it comes,
+// and extracts it only once its digest and size are the descriptor's: a
+// registry that serves something else gets nothing of it extracted. The
+// uncompressed stream is hashed during extraction, and the layer is kept
+// only if it is the config's diff ID.
 func fetchLayer(ctx context.Context, c *registry.Client, s *engine.Store, repo name.Repository, desc v1.Descriptor, diffID v1.Hash, opts engine.ImportOptions) (*engine.StagedLayer, int64, error) {
-	layer, err := remote.Layer(repo.Digest(desc.Digest.String()), c.RemoteOptions(remote.WithContext(ctx))...)
+	f, done, n, err := stageBlob(ctx, c, s, repo, desc)
 	if err != nil {
-		return nil, 0, err
+		return nil, n, err
 	}
-	body, err := layer.Compressed()
-	if err != nil {
-		return nil, 0, err
-	}
-	defer body.Close()
-	blob := &hashingReader{r: body, h: sha256.New()}
+	defer done()
 	var tarball io.Reader
+	src := bufio.NewReaderSize(f, 1<<20)
 	switch desc.MediaType {
 	case types.OCILayerZStd:
-		z, err := zstd.NewReader(blob, zstd.WithDecoderConcurrency(1))
+		z, err := zstd.NewReader(src, zstd.WithDecoderConcurrency(1))
 		if err != nil {
-			return nil, blob.n, err
+			return nil, n, err
 		}
 		defer z.Close()
 		tarball = z
 	case types.OCILayer, types.DockerLayer:
-		z, err := gzip.NewReader(blob)
+		z, err := gzip.NewReader(src)
 		if err != nil {
-			return nil, blob.n, fmt.Errorf("%w: %v", ErrCorrupt, err)
+			return nil, n, fmt.Errorf("%w: %v", ErrCorrupt, err)
 		}
 		defer z.Close()
 		tarball = z
-	case types.OCIUncompressedLayer:
-		tarball = blob
-	default:
-		return nil, 0, fmt.Errorf("media type %q: not a layer this can read", desc.MediaType)
+	default: // types.OCIUncompressedLayer: stageBlob refused the others
+		tarball = src
 	}
 	diff := &hashingReader{r: tarball, h: sha256.New()}
 	l, err := s.ImportLayer(diff, opts)
 	if err == nil {
 		// The tar's end may come before the stream's: read the rest, so
-		// that the hashes cover everything.
+		// that the hash covers everything.
 		_, err = io.Copy(io.Discard, diff)
 	}
-	// Whatever happened, read what is left of the blob (no more than it
-	// claims), to tell a corrupt blob from a hostile but intact one.
-	_, _ = io.Copy(io.Discard, io.LimitReader(blob, max(desc.Size-blob.n, 0)+1))
-	switch {
-	case blob.digest() != desc.Digest.String() || blob.n != desc.Size:
-		err = fmt.Errorf("blob: got %s (%d bytes), want %s (%d bytes): %w", blob.digest(), blob.n, desc.Digest, desc.Size, ErrCorrupt)
-	case err == nil && diff.digest() != diffID.String():
+	if err == nil && diff.digest() != diffID.String() {
 		err = fmt.Errorf("uncompressed: got %s, want %s: %w", diff.digest(), diffID, ErrCorrupt)
 	}
 	if err != nil {
 		l.Discard(s)
-		return nil, blob.n, err
+		return nil, n, err
 	}
-	return l, blob.n, nil
+	return l, n, nil
+}
+
+// stageBlob fetches desc's blob into a staging file of the store, reading
+// no more than the descriptor's size (and one byte, to see a longer one),
+// and returns it rewound once its digest and size are the descriptor's.
+func stageBlob(ctx context.Context, c *registry.Client, s *engine.Store, repo name.Repository, desc v1.Descriptor) (*os.File, func(), int64, error) {
+	switch desc.MediaType {
+	case types.OCILayerZStd, types.OCILayer, types.DockerLayer, types.OCIUncompressedLayer:
+	default:
+		return nil, nil, 0, fmt.Errorf("media type %q: not a layer this can read", desc.MediaType)
+	}
+	layer, err := remote.Layer(repo.Digest(desc.Digest.String()), c.RemoteOptions(remote.WithContext(ctx))...)
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	body, err := layer.Compressed()
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	defer body.Close()
+	f, done, err := s.StageFile("blob")
+	if err != nil {
+		return nil, nil, 0, err
+	}
+	blob := &hashingReader{r: io.LimitReader(body, desc.Size+1), h: sha256.New()}
+	_, readErr := io.Copy(f, blob)
+	switch {
+	case ctx.Err() != nil:
+		err = context.Cause(ctx)
+	case blob.digest() != desc.Digest.String() || blob.n != desc.Size:
+		// Whatever the error (go-containerregistry's own check fails at
+		// the end of a wrong blob), the blob is not the one named.
+		err = fmt.Errorf("blob: got %s (%d bytes), want %s (%d bytes): %w", blob.digest(), blob.n, desc.Digest, desc.Size, ErrCorrupt)
+		if readErr != nil {
+			err = fmt.Errorf("%w (reading: %v)", err, readErr)
+		}
+	default:
+		_, err = f.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		done()
+		return nil, nil, blob.n, err
+	}
+	return f, done, blob.n, nil
 }
 
 type hashingReader struct {

@@ -1,6 +1,7 @@
 package transfer
 
 import (
+	"archive/tar"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -10,6 +11,8 @@ import (
 	"fmt"
 	"net/http"
 	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -19,6 +22,7 @@ import (
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/zstd"
 	"golang.org/x/sys/unix"
 
 	"github.com/layercache/layercache/engine"
@@ -458,5 +462,73 @@ func TestOversizedImagesAreRefused(t *testing.T) {
 	}
 	if info, err := s.Inspect(key); err == nil && info.Head != nil {
 		t.Errorf("a hostile image became generation %d", info.Head.Number)
+	}
+}
+
+// A pull checks a blob's digest before it extracts anything: a registry
+// that serves another, well-formed layer in its place (here one that
+// plants a file) never gets a byte of it onto the node's disk as files.
+// The proxy serves the substitute and then holds the response open, so
+// that the test looks at the store while the pull still reads. On main,
+// the substitute was extracted into the store's temporary area before the
+// mismatch was seen.
+func TestBlobIsVerifiedBeforeExtraction(t *testing.T) {
+	requireRoot(t)
+	reg := testenv.StartRegistry(t)
+	a, b := newStore(t), newStore(t)
+	g := commit(t, a, key, func(mnt string) { must(t, os.WriteFile(filepath.Join(mnt, "data"), []byte("cache"), 0o644)) })
+	ctx := context.Background()
+	p, err := Push(ctx, newClient(t, reg, 0), a, key, g, "a")
+	must(t, err)
+	d, _, err := a.LayerDigest(key, g.Layers[0])
+	must(t, err)
+
+	var substitute bytes.Buffer
+	zw, err := zstd.NewWriter(&substitute)
+	must(t, err)
+	if d.MediaType != string(types.OCILayerZStd) {
+		t.Fatalf("layers are pushed as %s: make the substitute one", d.MediaType)
+	}
+	tw := tar.NewWriter(zw)
+	must(t, tw.WriteHeader(&tar.Header{Name: "planted", Mode: 0o644, Size: 5, Typeflag: tar.TypeReg}))
+	_, err = tw.Write([]byte("owned"))
+	must(t, err)
+	must(t, tw.Close())
+	must(t, zw.Close())
+	sent, release := make(chan struct{}), make(chan struct{})
+	target, err := url.Parse("http://" + reg.Addr)
+	must(t, err)
+	forward := httputil.NewSingleHostReverseProxy(target)
+	proxy := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if !strings.HasSuffix(r.URL.Path, "/blobs/"+d.Digest) || r.Method != http.MethodGet {
+			forward.ServeHTTP(w, r)
+			return
+		}
+		_, _ = w.Write(substitute.Bytes())
+		w.(http.Flusher).Flush()
+		close(sent)
+		<-release
+	}))
+	defer proxy.Close()
+	c, err := registry.New(registry.Config{Prefix: strings.TrimPrefix(proxy.URL, "http://") + "/caches", Insecure: true})
+	must(t, err)
+
+	done := make(chan error, 1)
+	go func() { _, err := Pull(ctx, c, b, key, p.Digest, PullOptions{}); done <- err }()
+	<-sent
+	time.Sleep(500 * time.Millisecond) // an extraction of one small file is done by then
+	var planted []string
+	_ = filepath.WalkDir(b.Root(), func(path string, e os.DirEntry, err error) error {
+		if err == nil && e.Name() == "planted" {
+			planted = append(planted, path)
+		}
+		return nil
+	})
+	close(release)
+	if err := <-done; !errors.Is(err, ErrCorrupt) {
+		t.Errorf("pulling a substituted blob: %v, want ErrCorrupt", err)
+	}
+	if len(planted) > 0 {
+		t.Fatalf("the substitute was extracted before its digest was checked: %v", planted)
 	}
 }
