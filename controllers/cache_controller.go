@@ -166,13 +166,8 @@ func (r *CacheReconciler) prefetchOnAllNodes(ctx context.Context, c *v1alpha1.Ca
 		if has[n] {
 			continue
 		}
-		nc := &v1alpha1.NodeCache{
-			ObjectMeta: metav1.ObjectMeta{Namespace: c.Namespace, Name: v1alpha1.NodeCacheName(c.Name, n),
-				Labels:     map[string]string{v1alpha1.LabelCache: c.Name, v1alpha1.LabelNode: v1alpha1.NodeLabelValue(n)},
-				Finalizers: []string{v1alpha1.FinalizerNodeData}},
-			Spec: v1alpha1.NodeCacheSpec{Cache: c.Name, Node: n, TTL: c.Spec.TTL.DeepCopy(), Registry: c.Status.Registry.DeepCopy()},
-		}
-		if err := controllerutil.SetControllerReference(c, nc, r.Scheme()); err != nil {
+		nc, err := newNodeCache(c, n, r.Scheme())
+		if err != nil {
 			return err
 		}
 		if err := r.Create(ctx, nc); client.IgnoreAlreadyExists(err) != nil {
@@ -301,7 +296,8 @@ const maxClockSkew = time.Minute
 
 // acceptPushed checks the image a NodeCache reports before it becomes the
 // cache's registry pointer, which every node pulls: it must come from the
-// NodeCache of this cache on an existing node, pushed by that node, name
+// NodeCache of this cache on an existing node that the manager let commit
+// it (spec.commitGranted), pushed by that node, name
 // an image of this cache's own repository by digest, and not be dated
 // ahead of the manager's clock (a fast clock or a compromised node would
 // otherwise pin the cache for ever).
@@ -312,6 +308,8 @@ func (r *CacheReconciler) acceptPushed(ctx context.Context, c *v1alpha1.Cache, n
 		return fmt.Errorf("it is not the NodeCache of cache %s on node %s", c.Name, nc.Spec.Node)
 	case p.Node != "" && p.Node != nc.Spec.Node:
 		return fmt.Errorf("pushed by node %s, not by its own node %s", p.Node, nc.Spec.Node)
+	case nc.Spec.CommitGranted == nil:
+		return fmt.Errorf("the manager never let node %s commit the cache", nc.Spec.Node)
 	case p.CommitTime.After(now.Add(maxClockSkew)) || p.PushTime != nil && p.PushTime.After(now.Add(maxClockSkew)):
 		return fmt.Errorf("dated %s, ahead of the manager's clock (%s)", p.CommitTime.UTC().Format(time.RFC3339), now.UTC().Format(time.RFC3339))
 	}

@@ -192,6 +192,16 @@ func TestManagerReconcilers(t *testing.T) {
 		if pv.Annotations[v1alpha1.AnnotationPodPhase] != "Succeeded" {
 			t.Errorf("PV annotations = %v", pv.Annotations)
 		}
+		// The commit it may make was granted first: the Cache exists (its
+		// first commit), and so does node-a's NodeCache, marked granted.
+		nc := &v1alpha1.NodeCache{}
+		if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("example-project", "node-a")}, nc); err != nil {
+			t.Fatalf("no NodeCache granted: %v", err)
+		}
+		if nc.Spec.CommitGranted == nil || nc.Spec.Node != "node-a" || !slices.Contains(nc.Finalizers, v1alpha1.FinalizerNodeData) ||
+			len(nc.OwnerReferences) != 1 || nc.OwnerReferences[0].Name != "example-project" {
+			t.Errorf("granted NodeCache = %+v", nc)
+		}
 	})
 
 	t.Run("fallback caches reach the PV", func(t *testing.T) {
@@ -331,9 +341,47 @@ func TestManagerReconcilers(t *testing.T) {
 		s.eventually("the PV to record the deletion", func() bool {
 			return s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), pv) == nil && pv.Annotations[v1alpha1.AnnotationPodPhase] == controllers.PhaseDeleted
 		})
+		// Nothing was granted: no Cache, no NodeCache.
+		if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: "example-project"}, &v1alpha1.Cache{}); !apierrors.IsNotFound(err) {
+			t.Errorf("a Cache for a commit never granted: %v", err)
+		}
 		s.eventually("the claim to be deleted", func() bool {
 			return apierrors.IsNotFound(s.c.Get(s.ctx, client.ObjectKeyFromObject(pvc), &corev1.PersistentVolumeClaim{}))
 		})
+	})
+
+	t.Run("a pod whose volume its node reports over its bound is deleted", func(t *testing.T) {
+		s.t = t
+		ns := s.namespace("trusted")
+		running := func(name, node string) (*corev1.Pod, *corev1.PersistentVolume) {
+			pod := buildPod(ns, name, "example-project", "write", "trusted")
+			pod.Spec.NodeName = node
+			s.create(pod)
+			pvc := s.pvc(ns, name+"-example-project-x1")
+			pv := s.schedule(pvc) // a PV for node-a
+			patch := client.MergeFrom(pv.DeepCopy())
+			metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationOverLimit, "volume holds 2Mi of writes, more than its size 1Mi")
+			if err := s.c.Patch(s.ctx, pv, patch); err != nil {
+				t.Fatal(err)
+			}
+			return pod, pv
+		}
+		// node-a's agent reports a volume of a pod that runs on node-b: the
+		// pod is not its to stop.
+		elsewhere, _ := running("elsewhere", "node-b")
+		greedy, _ := running("greedy", "node-a")
+		s.eventually("the greedy pod to be deleted", func() bool {
+			got := &corev1.Pod{}
+			err := s.c.Get(s.ctx, client.ObjectKeyFromObject(greedy), got)
+			return apierrors.IsNotFound(err) || (err == nil && got.DeletionTimestamp != nil)
+		})
+		s.eventually("a VolumeSizeExceeded event", func() bool {
+			return strings.Contains(s.events(ns, "greedy"), "VolumeSizeExceeded: Deleted: volume holds 2Mi of writes")
+		})
+		got := &corev1.Pod{}
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(elsewhere), got); err != nil || got.DeletionTimestamp != nil {
+			t.Errorf("the pod of another node was deleted: %v, %v", err, got.DeletionTimestamp)
+		}
 	})
 
 	t.Run("the Cache gathers its NodeCaches, and its ttl reaches them", func(t *testing.T) {
@@ -449,7 +497,8 @@ func (s *suite) nodeCache(c *v1alpha1.Cache, node string, st v1alpha1.NodeCacheS
 		ObjectMeta: metav1.ObjectMeta{Namespace: c.Namespace, Name: v1alpha1.NodeCacheName(c.Name, node),
 			Labels:     map[string]string{v1alpha1.LabelCache: c.Name, v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)},
 			Finalizers: []string{v1alpha1.FinalizerNodeData}},
-		Spec: v1alpha1.NodeCacheSpec{Cache: c.Name, Node: node},
+		// Granted, as the manager does when a pod of the node may commit.
+		Spec: v1alpha1.NodeCacheSpec{Cache: c.Name, Node: node, CommitGranted: &metav1.Time{Time: time.Now()}},
 	}
 	if err := ctrl.SetControllerReference(c, nc, s.c.Scheme()); err != nil {
 		s.t.Fatal(err)

@@ -297,6 +297,9 @@ func (r *PodReconciler) recordOnPV(ctx context.Context, name string, pod *corev1
 		return nil // the first outcome recorded stands
 	}
 	commitOnFailure := pod.Annotations[v1alpha1.AnnotationCommitOnFailure] == "true"
+	if err := r.grantCommit(ctx, pod, pv, mayCommit(phase, commitOnFailure)); err != nil {
+		return err
+	}
 	patch := client.MergeFrom(pv.DeepCopy())
 	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationPodPhase, phase)
 	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationCommitOnFailure, fmt.Sprint(commitOnFailure))

@@ -85,6 +85,7 @@ func TestManagerPolicyAndFrozenKeys(t *testing.T) {
 			})
 		},
 		"the manager: another class's claim deleted": func() error { return manager.Delete(ctx, theirs) },
+		"the manager: an unrelated pod deleted":      func() error { return manager.Delete(ctx, unrelated) },
 		"anyone: a restore-from added to a claim": func() error {
 			return change(admin, ours, func() { metav1.SetMetaDataAnnotation(&ours.ObjectMeta, v1alpha1.AnnotationRestoreFrom, "secrets") })
 		},
@@ -106,8 +107,10 @@ func TestManagerPolicyAndFrozenKeys(t *testing.T) {
 			return change(admin, build, func() { build.Annotations["example.com/note"] = "x" })
 		},
 		"the manager: a claim of our class deleted": func() error { return manager.Delete(ctx, ours) },
+		"the manager: a build pod deleted":          func() error { return manager.Delete(ctx, build) },
 	}
-	for _, what := range []string{"the manager: a build pod's gate removed", "anyone: another annotation of a pod", "the manager: a claim of our class deleted"} {
+	for _, what := range []string{"the manager: a build pod's gate removed", "anyone: another annotation of a pod", "the manager: a claim of our class deleted",
+		"the manager: a build pod deleted"} {
 		if err := allowed[what](); err != nil {
 			t.Errorf("%s: refused: %v", what, err)
 		}

@@ -75,9 +75,14 @@ func TestNewestImageAndPrefetchOnAllNodes(t *testing.T) {
 		t.Errorf("node-b's NodeCache: %+v", ncB.ObjectMeta)
 	}
 
-	// A newer commit pushed by node-b wins, and reaches node-a; an older
-	// one pushed later does not.
+	// A newer commit pushed by node-b (once granted one) wins, and reaches
+	// node-a; an older one pushed later does not.
 	before := ncB.DeepCopy()
+	ncB.Spec.CommitGranted = &metav1.Time{Time: time.Now()}
+	if err := s.c.Patch(s.ctx, ncB, client.MergeFrom(before)); err != nil {
+		t.Fatal(err)
+	}
+	before = ncB.DeepCopy()
 	ncB.Status = v1alpha1.NodeCacheStatus{Node: "node-b", Generation: 1, Layers: 1, Size: resource.MustParse("1Mi"),
 		Pushed: image("node-b", "bb", t1.Add(time.Second))}
 	if err := s.c.Status().Patch(s.ctx, ncB, client.MergeFrom(before)); err != nil {
@@ -233,6 +238,19 @@ func TestRegistryPointerIsChecked(t *testing.T) {
 	refused("the other repository's image refused", "is not in the cache's repository")
 	report(ncFast, image(ns+"/pinned", "node-a", "d1", now))
 	refused("another node's push refused", "pushed by node node-a, not by its own node node-fast")
+	if r := registryOf(); r == nil || r.Image != good.Image {
+		t.Fatalf("a refused report became the image: %+v", r)
+	}
+	// A node the manager never let commit the cache.
+	s.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: "node-ungranted"}})
+	ncU := s.nodeCache(c, "node-ungranted", v1alpha1.NodeCacheStatus{Generation: 1})
+	ungrant := ncU.DeepCopy()
+	ungrant.Spec.CommitGranted = nil
+	if err := s.c.Patch(s.ctx, ungrant, client.MergeFrom(ncU)); err != nil {
+		t.Fatal(err)
+	}
+	report(ncU, image(ns+"/pinned", "node-ungranted", "b1", now))
+	refused("the ungranted node's push refused", "the manager never let node node-ungranted commit the cache")
 	if r := registryOf(); r == nil || r.Image != good.Image {
 		t.Fatalf("a refused report became the image: %+v", r)
 	}

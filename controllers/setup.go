@@ -26,5 +26,6 @@ func Setup(mgr manager.Manager, opts Options) error {
 		(&CacheReconciler{Client: mgr.GetClient(), Registry: opts.Registry, Recorder: mgr.GetEventRecorderFor("layercache-caches")}).SetupWithManager(mgr),
 		(&SkippedReconciler{Client: mgr.GetClient(), APIReader: mgr.GetAPIReader(), Recorder: mgr.GetEventRecorderFor("layercache-webhook"), Exempt: []string{"kube-system", opts.Namespace}}).SetupWithManager(mgr),
 		(&NodeReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-nodes")}).SetupWithManager(mgr),
+		(&OverLimitReconciler{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("layercache-sizes")}).SetupWithManager(mgr),
 	)
 }

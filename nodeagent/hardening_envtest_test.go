@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	corev1 "k8s.io/api/core/v1"
@@ -61,7 +62,7 @@ func TestSizesAreEnforced(t *testing.T) {
 		}
 	})
 
-	t.Run("a volume over its size gets its pod evicted and is never committed", func(t *testing.T) {
+	t.Run("a volume over its size is reported on its PV and never committed", func(t *testing.T) {
 		s.t = t
 		key := engine.Key{Namespace: ns, Name: "sized"}
 		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "greedy", Namespace: ns},
@@ -96,24 +97,23 @@ func TestSizesAreEnforced(t *testing.T) {
 		if err := limiter.Check(s.ctx); err != nil {
 			t.Fatal(err)
 		}
-		s.eventually("the greedy pod to be evicted", func() bool {
-			got := &corev1.Pod{}
-			err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pod), got)
-			return apierrors.IsNotFound(err) || (err == nil && got.DeletionTimestamp != nil)
-		})
-		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(neighbour), &corev1.Pod{}); err != nil {
-			t.Fatalf("the neighbour was touched: %v", err)
+		// The agent tells the manager on the PV (it may not touch pods).
+		overLimit := func(pv *corev1.PersistentVolume) string {
+			got := &corev1.PersistentVolume{}
+			if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), got); err != nil {
+				t.Fatal(err)
+			}
+			return got.Annotations[v1alpha1.AnnotationOverLimit]
 		}
-		s.eventually("a VolumeSizeExceeded event", func() bool {
-			ev := s.events(ns, "greedy")
-			return strings.Contains(ev, "VolumeSizeExceeded") && strings.Contains(ev, "more than its size 1Mi")
-		})
-		// A second check does not evict or tell again.
+		if got := overLimit(greedy); !strings.Contains(got, "more than its size 1Mi") {
+			t.Errorf("the greedy volume's PV says %q, want it over its size", got)
+		}
+		if got := overLimit(modest); got != "" {
+			t.Errorf("the neighbour's PV says %q, want nothing", got)
+		}
+		// A second check writes nothing more.
 		if err := limiter.Check(s.ctx); err != nil {
 			t.Fatal(err)
-		}
-		if n := strings.Count(s.events(ns, "greedy"), "VolumeSizeExceeded"); n != 1 {
-			t.Errorf("%d VolumeSizeExceeded events, want 1", n)
 		}
 		// Even if its pod reports success, the greedy volume is discarded.
 		s.unpublish(greedy, greedyTarget)
@@ -131,9 +131,32 @@ func TestSizesAreEnforced(t *testing.T) {
 		}
 	})
 
+	// The last writes may come after the last periodic check: on main, a
+	// build that outgrew its size just before it ended was committed.
+	t.Run("a volume over its size at commit is never committed", func(t *testing.T) {
+		s.t = t
+		key := engine.Key{Namespace: ns, Name: "late"}
+		pv := s.pv("pvc-l1", attrs(ns, "late", true))
+		patch := client.MergeFrom(pv.DeepCopy())
+		pv.Spec.Capacity[corev1.ResourceStorage] = resource.MustParse("1Mi")
+		if err := s.c.Patch(s.ctx, pv, patch); err != nil {
+			t.Fatal(err)
+		}
+		s.build(pv, map[string]string{"huge": strings.Repeat("x", 2<<20)}, false)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		if got := s.content(key); len(got) != 0 {
+			t.Fatalf("the writes of a volume over its size were committed: %v", len(got))
+		}
+		s.eventually("a CommitRefused event naming the size", func() bool {
+			ev := s.events(ns, "late")
+			return strings.Contains(ev, "CommitRefused") && strings.Contains(ev, "more than its size 1Mi")
+		})
+	})
+
 	// Empty files take no blocks: on main, 200 of them in a volume bounded
 	// to 100 inodes went unnoticed.
-	t.Run("a volume over the node's inode bound gets its pod evicted and is never committed", func(t *testing.T) {
+	t.Run("a volume over the node's inode bound is reported on its PV and never committed", func(t *testing.T) {
 		s.t = t
 		key := engine.Key{Namespace: ns, Name: "inodes"}
 		pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "many-files", Namespace: ns},
@@ -154,10 +177,13 @@ func TestSizesAreEnforced(t *testing.T) {
 		if err := limiter.Check(s.ctx); err != nil {
 			t.Fatal(err)
 		}
-		s.eventually("a VolumeSizeExceeded event naming the inode bound", func() bool {
-			ev := s.events(ns, "many-files")
-			return strings.Contains(ev, "VolumeSizeExceeded") && strings.Contains(ev, "holds 201 files and directories, more than the node's bound 100")
-		})
+		got := &corev1.PersistentVolume{}
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), got); err != nil {
+			t.Fatal(err)
+		}
+		if why := got.Annotations[v1alpha1.AnnotationOverLimit]; !strings.Contains(why, "holds 201 files and directories, more than the node's bound 100") {
+			t.Errorf("the PV says %q, want the inode bound named", why)
+		}
 		s.unpublish(pv, target)
 		s.release(pv, "Succeeded", false)
 		s.pvGone(pv)
@@ -259,5 +285,63 @@ func TestReportAfterCommitIsRetried(t *testing.T) {
 	res, err := r.Reconcile(ctx, ctrl.Request{NamespacedName: client.ObjectKeyFromObject(long)})
 	if !errors.Is(err, reconcile.TerminalError(nil)) || !res.IsZero() {
 		t.Fatalf("reconcile of an invalid volume: %+v, %v; want a terminal error and no requeue", res, err)
+	}
+}
+
+// The agent never creates a Cache from what it finds on disk: data no
+// Cache owns (its Cache deleted while the node was away, or a namespace
+// deleted and re-created under the same name) is never reported, and is
+// deleted once unused for the grace period. On main, the report re-created
+// the Cache, and with it, in a re-created namespace, another tenant's data.
+func TestDataWithoutACacheIsNeverReported(t *testing.T) {
+	store, dir := newStore(t)
+	env := testenv.Start(t)
+	ctx := context.Background()
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "orphan-"}}
+	if err := env.Client.Create(ctx, ns); err != nil {
+		t.Fatal(err)
+	}
+	events := record.NewFakeRecorder(10)
+	reports := NewReports("node-a")
+	r := &PVReconciler{Client: env.Client, Store: store, NodeName: "node-a", Recorder: events, Reports: reports}
+	nr := &NodeCacheReconciler{Client: env.Client, Store: store, NodeName: "node-a", Recorder: events, Reports: reports}
+	s := &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"}}
+	pv := s.pv("pvc-o1", attrs(ns.Name, "orphan", true))
+	s.build(pv, map[string]string{"a": "1"}, false)
+	// The outcome, with no grant: as an older manager during an upgrade.
+	patch := client.MergeFrom(pv.DeepCopy())
+	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationPodPhase, "Succeeded")
+	if err := env.Client.Patch(ctx, pv, patch); err != nil {
+		t.Fatal(err)
+	}
+	pv.Status.Phase = corev1.VolumeReleased
+	if err := env.Client.Status().Update(ctx, pv); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.Reconcile(ctx, ctrl.Request{NamespacedName: client.ObjectKeyFromObject(pv)}); err != nil {
+		t.Fatal(err)
+	}
+	key := engine.Key{Namespace: ns.Name, Name: "orphan"}
+	if info, err := store.Inspect(key); err != nil || info.Head == nil {
+		t.Fatalf("the commit: %+v, %v", info, err)
+	}
+	req := ctrl.Request{NamespacedName: client.ObjectKey{Namespace: ns.Name, Name: v1alpha1.NodeCacheName("orphan", "node-a")}}
+	if _, err := nr.Reconcile(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	cacheErr := env.Client.Get(ctx, client.ObjectKey{Namespace: ns.Name, Name: "orphan"}, &v1alpha1.Cache{})
+	ncErr := env.Client.Get(ctx, req.NamespacedName, &v1alpha1.NodeCache{})
+	if !apierrors.IsNotFound(cacheErr) || !apierrors.IsNotFound(ncErr) {
+		t.Fatalf("data on disk brought back a Cache (%v) or a NodeCache (%v)", cacheErr, ncErr)
+	}
+	if _, err := store.Inspect(key); err != nil {
+		t.Fatalf("data used within the grace period was deleted: %v", err)
+	}
+	nr.OrphanGrace = time.Nanosecond
+	if _, err := nr.Reconcile(ctx, req); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := store.Inspect(key); !errors.Is(err, engine.ErrNotFound) {
+		t.Fatalf("orphaned data past its grace period: %v, want it deleted", err)
 	}
 }

@@ -13,7 +13,12 @@ import (
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 
+	"github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
 )
 
@@ -111,4 +116,41 @@ func readFiles(t *testing.T, dir string) map[string]string {
 		}
 	}
 	return out
+}
+
+// grant does what the manager does before it lets a volume of cache on
+// node commit: it creates the Cache if absent, and the node's NodeCache
+// marked granted.
+func grant(t *testing.T, ctx context.Context, c client.Client, ns, cache, node string) {
+	t.Helper()
+	obj := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: cache}}
+	err := c.Create(ctx, obj)
+	if apierrors.IsAlreadyExists(err) {
+		err = c.Get(ctx, client.ObjectKeyFromObject(obj), obj)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	now := metav1.Now()
+	nc := &v1alpha1.NodeCache{
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: v1alpha1.NodeCacheName(cache, node),
+			Labels:     map[string]string{v1alpha1.LabelCache: cache, v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)},
+			Finalizers: []string{v1alpha1.FinalizerNodeData}},
+		Spec: v1alpha1.NodeCacheSpec{Cache: cache, Node: node, TTL: obj.Spec.TTL.DeepCopy(), CommitGranted: &now},
+	}
+	if err := controllerutil.SetControllerReference(obj, nc, c.Scheme()); err != nil {
+		t.Fatal(err)
+	}
+	err = c.Create(ctx, nc)
+	if apierrors.IsAlreadyExists(err) {
+		old := &v1alpha1.NodeCache{}
+		if err = c.Get(ctx, client.ObjectKeyFromObject(nc), old); err == nil && old.Spec.CommitGranted == nil {
+			before := old.DeepCopy()
+			old.Spec.CommitGranted = &now
+			err = c.Patch(ctx, old, client.MergeFrom(before))
+		}
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
 }

@@ -29,7 +29,7 @@ var (
 	}, []string{"result"})
 	volumeSizeExceeded = prometheus.NewCounter(prometheus.CounterOpts{
 		Name: "layercache_volume_size_exceeded_total",
-		Help: "Cache volumes found holding more writes than their size (their pod is evicted, their writes never committed).",
+		Help: "Cache volumes found holding more writes than their size (reported on their PV for the manager to delete the pod; their writes are never committed).",
 	})
 	registryTransfers = prometheus.NewCounterVec(prometheus.CounterOpts{
 		Name: "layercache_registry_transfers_total",

@@ -131,9 +131,16 @@ func (s *nodeSuite) unpublish(pv *corev1.PersistentVolume, target string) {
 	}
 }
 
-// release does what the manager and the PV controller do when the pod ends.
+// release does what the manager and the PV controller do when the pod ends:
+// a writable volume that may commit is granted first (the Cache and
+// node-a's NodeCache exist, marked granted).
 func (s *nodeSuite) release(pv *corev1.PersistentVolume, phase string, commitOnFailure bool) {
 	s.t.Helper()
+	a := pv.Spec.CSI.VolumeAttributes
+	if a[v1alpha1.AttrWrite] == "true" && a[v1alpha1.AttrKind] == v1alpha1.KindCache &&
+		(phase == "Succeeded" || phase == "Failed" && commitOnFailure) {
+		grant(s.t, s.ctx, s.c, a[v1alpha1.AttrNamespace], a[v1alpha1.AttrCache], "node-a")
+	}
 	patch := client.MergeFrom(pv.DeepCopy())
 	metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationPodPhase, phase)
 	if commitOnFailure {

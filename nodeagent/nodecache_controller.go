@@ -1,9 +1,11 @@
 package nodeagent
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -45,6 +47,9 @@ type NodeCacheReconciler struct {
 	NodeName string
 	Recorder record.EventRecorder
 	Reports  *Reports
+	// OrphanGrace is how long data that no Cache owns stays unused before
+	// it is deleted; zero means orphanGrace.
+	OrphanGrace time.Duration
 }
 
 // SetupWithManager registers the reconciler.
@@ -89,7 +94,13 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return ctrl.Result{}, nil
 	case !here:
 		// No data here (evicted, deleted, or never): the NodeCache must
-		// not say otherwise.
+		// not say otherwise. But the manager creates it, granted, before
+		// the cache's first commit here: it stays while a volume of the
+		// cache is on the node (the PV reconciler reports it when it is
+		// finished).
+		if busy, err := r.hasVolume(key); err != nil || busy {
+			return ctrl.Result{}, err
+		}
 		return ctrl.Result{}, r.withdraw(ctx, nc)
 	}
 	if nc != nil && nc.Spec.TTL != nil && nc.Spec.TTL.Duration > 0 && len(info.Volumes) == 0 {
@@ -171,8 +182,8 @@ func cacheEvent(ctx context.Context, c client.Client, rec record.EventRecorder, 
 }
 
 // report writes the engine's snapshot of the cache into the NodeCache's
-// status, creating the Cache (at the first commit) and the NodeCache
-// (owned by the Cache, holding the node's finalizer) if absent. The disk
+// status, creating the NodeCache (owned by the Cache, holding the node's
+// finalizer) if absent. The disk
 // use is measured (a walk of every layer: 0.12 s for 50,000 files) when
 // the head changed or a measure was asked for (after GC); nothing is
 // written when nothing changed.
@@ -182,8 +193,14 @@ func (r *NodeCacheReconciler) report(ctx context.Context, nc *v1alpha1.NodeCache
 	}
 	measure := r.Reports.takeMeasure(key)
 	if nc == nil {
-		var err error
-		if nc, err = r.ensureNodeCache(ctx, key); err != nil || nc == nil {
+		cache, err := getCache(ctx, r.Client, key)
+		if err != nil {
+			return err
+		}
+		if cache == nil {
+			return r.orphaned(ctx, key)
+		}
+		if nc, err = r.ensureNodeCache(ctx, cache); err != nil || nc == nil {
 			return err
 		}
 	}
@@ -227,13 +244,11 @@ func statusOf(node string, info engine.CacheInfo) v1alpha1.NodeCacheStatus {
 	return st
 }
 
-// ensureNodeCache creates the Cache of key if absent, and this node's
-// NodeCache of it; nil while the Cache or the NodeCache is being deleted.
-func (r *NodeCacheReconciler) ensureNodeCache(ctx context.Context, key engine.Key) (*v1alpha1.NodeCache, error) {
-	cache, err := ensureCache(ctx, r.Client, key)
-	if err != nil {
-		return nil, err
-	}
+// ensureNodeCache returns this node's NodeCache of key, created if absent
+// of cache (at a pull: the manager creates it when it grants a commit);
+// nil while the Cache or the NodeCache is being deleted.
+func (r *NodeCacheReconciler) ensureNodeCache(ctx context.Context, cache *v1alpha1.Cache) (*v1alpha1.NodeCache, error) {
+	key := engine.Key{Namespace: cache.Namespace, Name: cache.Name}
 	if cache.DeletionTimestamp != nil {
 		return nil, nil // being deleted: its NodeCaches go, and the data with them
 	}
@@ -246,7 +261,8 @@ func (r *NodeCacheReconciler) ensureNodeCache(ctx context.Context, key engine.Ke
 	if err := controllerutil.SetControllerReference(cache, nc, r.Scheme()); err != nil {
 		return nil, err
 	}
-	if err = r.Create(ctx, nc); apierrors.IsAlreadyExists(err) {
+	err := r.Create(ctx, nc)
+	if apierrors.IsAlreadyExists(err) {
 		err = r.Get(ctx, client.ObjectKeyFromObject(nc), nc)
 	}
 	if err != nil {
@@ -258,20 +274,46 @@ func (r *NodeCacheReconciler) ensureNodeCache(ctx context.Context, key engine.Ke
 	return nc, nil
 }
 
-// ensureCache returns the Cache of key, created if absent (at the cache's
-// first commit or pull on any node).
-func ensureCache(ctx context.Context, c client.Client, key engine.Key) (*v1alpha1.Cache, error) {
+// getCache returns the Cache of key; nil if there is none.
+func getCache(ctx context.Context, c client.Client, key engine.Key) (*v1alpha1.Cache, error) {
 	cache := &v1alpha1.Cache{}
-	ref := client.ObjectKey{Namespace: key.Namespace, Name: key.Name}
-	err := c.Get(ctx, ref, cache)
+	err := c.Get(ctx, client.ObjectKey{Namespace: key.Namespace, Name: key.Name}, cache)
 	if apierrors.IsNotFound(err) {
-		cache = &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: key.Namespace, Name: key.Name}}
-		if err = c.Create(ctx, cache); apierrors.IsAlreadyExists(err) {
-			err = c.Get(ctx, ref, cache)
-		}
+		return nil, nil
 	}
 	if err != nil {
 		return nil, fmt.Errorf("reading Cache %s: %w", key, err)
 	}
 	return cache, nil
+}
+
+// orphanGrace is how long data that no Cache owns stays on a node unused: long
+// enough for a commit to be reported by an agent newer than the manager
+// (during an upgrade, a manager that does not create the Cache when it
+// grants a commit).
+const orphanGrace = time.Hour
+
+// orphaned handles data of a cache that has no Cache object: deleted while
+// the node was away, or left by a namespace of the same name. It is never
+// reported (that would bring the Cache back, with another tenant's data in
+// a re-created namespace), and it is deleted once unused for orphanGrace.
+func (r *NodeCacheReconciler) orphaned(ctx context.Context, key engine.Key) error {
+	err := r.Store.EvictIfIdle(key, cmp.Or(r.OrphanGrace, orphanGrace))
+	switch {
+	case errors.Is(err, engine.ErrInUse), errors.Is(err, engine.ErrNotFound):
+		return nil
+	case err != nil:
+		return err
+	}
+	logf.FromContext(ctx).Info("Deleted the data of a cache that has no Cache object", "cache", cacheRef(key))
+	return nil
+}
+
+// hasVolume tells whether a volume of cache key is on the node.
+func (r *NodeCacheReconciler) hasVolume(key engine.Key) (bool, error) {
+	vols, err := r.Store.Volumes()
+	if err != nil {
+		return false, err
+	}
+	return slices.ContainsFunc(vols, func(v *engine.Volume) bool { return v.Cache == key }), nil
 }

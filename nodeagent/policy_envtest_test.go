@@ -130,7 +130,12 @@ func TestAgentReachesOnlyItsOwnNode(t *testing.T) {
 		pv.Annotations = map[string]string{v1alpha1.AnnotationPodPhase: "Succeeded"}
 	}
 
+	overLimit := func(pv *corev1.PersistentVolume) {
+		metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationOverLimit, "volume over its size")
+	}
+
 	denied := map[string]func() error{
+		"another node's PV: over its bound":       func() error { return changePV(a, "pv-b", overLimit) },
 		"another node's PV: its finalizer":        func() error { return removeFinalizer(a, "pv-b") },
 		"another node's PV: deleted":              func() error { return deletePV(a, "pv-b") },
 		"another driver's PV: its reclaim policy": func() error { return changePV(a, "pv-foreign", reclaimDelete) },
@@ -143,6 +148,12 @@ func TestAgentReachesOnlyItsOwnNode(t *testing.T) {
 		"another node's NodeCache: its status": func() error { return patchStatus(a, "node-b") },
 		"another node's NodeCache: created":    func() error { return a.Create(ctx, nodeCache("node-c")) },
 		"another node's NodeCache: deleted":    func() error { return a.Delete(ctx, nodeCache("node-b")) },
+		"its own NodeCache: created granted": func() error {
+			nc := nodeCache("node-a")
+			nc.Name = v1alpha1.NodeCacheName("granted", "node-a")
+			nc.Spec.Cache, nc.Spec.CommitGranted = "granted", &metav1.Time{Time: time.Now()}
+			return a.Create(ctx, nc)
+		},
 		"no node name: its own PV's finalizer": func() error { return removeFinalizer(noNode, "pv-a") },
 		"no node name: a NodeCache's status":   func() error { return patchStatus(noNode, "node-b") },
 		"its own NodeCache: moved to another node": func() error {
@@ -160,6 +171,7 @@ func TestAgentReachesOnlyItsOwnNode(t *testing.T) {
 	}{
 		{"its own NodeCache: created", func() error { return a.Create(ctx, nodeCache("node-a")) }},
 		{"its own NodeCache: its status", func() error { return patchStatus(a, "node-a") }},
+		{"its own PV: over its bound", func() error { return changePV(a, "pv-a", overLimit) }},
 		{"its own PV: its finalizer", func() error { return removeFinalizer(a, "pv-a") }},
 		{"its own PV of before the node attribute: its finalizer", func() error { return removeFinalizer(a, "pv-old-a") }},
 		{"its own PV: deleted", func() error { return deletePV(a, "pv-a2") }},

@@ -13,6 +13,7 @@ import (
 	"k8s.io/klog/v2"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
 	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
@@ -57,17 +58,28 @@ type PVReconciler struct {
 	Compact chan<- engine.Key
 	// Reports has a committed cache's NodeCache reported.
 	Reports *Reports
+	// MaxInodes is the node's bound on a volume's files and directories
+	// (zero: DefaultMaxVolumeInodes), checked once more at commit, as the
+	// size is: the periodic check may not have seen the last writes.
+	MaxInodes int64
 }
 
 // +kubebuilder:rbac:groups="",resources=persistentvolumes,verbs=get;list;watch;update;patch;delete
-// +kubebuilder:rbac:groups=layercache.io,resources=caches,verbs=get;create
+// +kubebuilder:rbac:groups=layercache.io,resources=caches,verbs=get
 // +kubebuilder:rbac:groups="",resources=events,verbs=create;patch
 
 // SetupWithManager registers the reconciler. The manager's cache holds only
 // this node's PVs (see CacheOptions).
 func (r *PVReconciler) SetupWithManager(mgr ctrl.Manager) error {
-	return ctrl.NewControllerManagedBy(mgr).Named("persistentvolume").For(&corev1.PersistentVolume{}).Complete(r)
+	return ctrl.NewControllerManagedBy(mgr).Named("persistentvolume").For(&corev1.PersistentVolume{}).
+		WithOptions(controller.Options{MaxConcurrentReconciles: pvWorkers}).Complete(r)
 }
+
+// pvWorkers is how many released PVs are finished at once: commits and
+// discards of different caches run side by side (those of one cache take
+// its lock in turn), so that one volume's long discard holds up no other
+// cache's.
+const pvWorkers = 4
 
 // Reconcile implements reconcile.Reconciler.
 func (r *PVReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.Result, error) {
@@ -151,6 +163,12 @@ func (r *PVReconciler) finishCacheVolume(ctx context.Context, pv *corev1.Persist
 	} else if err != nil {
 		return err
 	}
+	if v.Writable && v.NoCommit == "" && v.CommitLayer == "" {
+		// Measured once more: the last writes came after the last check.
+		if v.NoCommit, err = overBound(ctx, r.Store, v, pv, r.MaxInodes); err != nil {
+			return err
+		}
+	}
 	if result, reason, message := commitDecision(r.NodeName, v, pv, cache); result != "" {
 		commits.WithLabelValues(result).Inc()
 		if reason != "" && cache != nil {
@@ -160,9 +178,20 @@ func (r *PVReconciler) finishCacheVolume(ctx context.Context, pv *corev1.Persist
 			}
 			r.Recorder.Event(cache, kind, reason, message)
 		}
-		return r.Store.Discard(pv.Name)
+		return r.discard(pv.Name, key)
 	}
 	return r.commit(ctx, pv, key, v, cache)
+}
+
+// discard discards volume id of cache key, and has the cache's NodeCache
+// reported: one the manager created for this commit is withdrawn if the
+// node holds nothing else of the cache.
+func (r *PVReconciler) discard(id string, key engine.Key) error {
+	if err := r.Store.Discard(id); err != nil {
+		return err
+	}
+	r.Reports.Enqueue(key)
+	return nil
 }
 
 // commitDecision says why volume v of pv must not be committed: the
@@ -201,7 +230,7 @@ func (r *PVReconciler) commit(ctx context.Context, pv *corev1.PersistentVolume, 
 		r.Recorder.Eventf(cache, corev1.EventTypeWarning, ReasonCommitRefused,
 			"Writes of %s discarded on node %s: the cache would be %s, more than its spec.maxSize %s",
 			pod, r.NodeName, quantity(size.Bytes), cache.Spec.MaxSize.String())
-		return r.Store.Discard(pv.Name)
+		return r.discard(pv.Name, key)
 	}
 	if err != nil {
 		commits.WithLabelValues("failed").Inc()
@@ -226,16 +255,21 @@ func (r *PVReconciler) commit(ctx context.Context, pv *corev1.PersistentVolume, 
 	return r.reportCommit(ctx, key, res.Generation, res.ChainLength, pod)
 }
 
-// reportCommit creates the Cache at its first commit, tells the user about
-// the commit, and has this node's new state reported (by the NodeCache
-// reconciler). If it fails, the retry finds the volume gone and the
-// generation it committed on disk, and reports it then.
+// reportCommit tells the user about the commit (on the Cache, which the
+// manager created when it granted the commit), and has this node's new
+// state reported (by the NodeCache reconciler). If it fails, the retry
+// finds the volume gone and the generation it committed on disk, and
+// reports it then.
 func (r *PVReconciler) reportCommit(ctx context.Context, key engine.Key, generation int64, layers int, pod string) error {
-	cache, err := ensureCache(ctx, r.Client, key)
+	cache, err := getCache(ctx, r.Client, key)
 	if err != nil {
 		return fmt.Errorf("reporting the commit of generation %d of %s: %w", generation, key, err)
 	}
 	r.Reports.Enqueue(key)
+	if cache == nil {
+		logf.FromContext(ctx).Info("Committed a cache that has no Cache object", "cache", cacheRef(key), "generation", generation)
+		return nil
+	}
 	r.Recorder.Eventf(cache, corev1.EventTypeNormal, ReasonCommitted, "Node %s: generation %d committed by %s (%d layers)",
 		r.NodeName, generation, pod, layers)
 	return nil

@@ -77,7 +77,8 @@ func Setup(mgr manager.Manager, opts Options) error {
 	c := mgr.GetClient()
 	errs := []error{
 		(&NodeCacheReconciler{Client: c, Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Reports: reports}).SetupWithManager(mgr),
-		(&PVReconciler{Client: c, Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Compact: compact, Reports: reports}).SetupWithManager(mgr),
+		(&PVReconciler{Client: c, Store: opts.Store, NodeName: opts.NodeName, Recorder: recorder, Compact: compact, Reports: reports,
+			MaxInodes: opts.MaxVolumeInodes}).SetupWithManager(mgr),
 		mgr.Add(&Maintenance{APIReader: mgr.GetAPIReader(), Client: c, Recorder: recorder, NodeName: opts.NodeName, Store: opts.Store,
 			Reports: reports, Compact: compact, Interval: opts.MaintenanceInterval, DiskBudget: opts.DiskBudget}),
 		mgr.Add(&SizeLimiter{Client: c, Store: opts.Store, Recorder: recorder, Interval: opts.SizeCheckInterval, MaxInodes: opts.MaxVolumeInodes}),

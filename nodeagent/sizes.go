@@ -4,16 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
-	policyv1 "k8s.io/api/policy/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/tools/record"
-	"k8s.io/klog/v2"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	logf "sigs.k8s.io/controller-runtime/pkg/log"
 
@@ -21,10 +16,6 @@ import (
 	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/logs"
 )
-
-// ReasonVolumeSizeExceeded: a volume's writes outgrew its size; its pod is
-// evicted and the writes are never committed.
-const ReasonVolumeSizeExceeded = "VolumeSizeExceeded"
 
 // DefaultSizeCheckInterval is how often SizeLimiter measures the volumes.
 const DefaultSizeCheckInterval = 5 * time.Second
@@ -34,19 +25,17 @@ const DefaultSizeCheckInterval = 5 * time.Second
 // node's file system.
 const DefaultMaxVolumeInodes = 1_000_000
 
-// +kubebuilder:rbac:groups="",resources=pods/eviction,verbs=create
-
 // SizeLimiter enforces the size of cache volumes (their claim's size,
 // layercache.io/size), as the kubelet enforces an emptyDir's sizeLimit:
 // it measures each volume's own writes (its upper layer, never the cache
 // below it) periodically, and when a volume holds more than its PV's
-// capacity, it marks the volume so that its writes are never committed and
-// evicts its pod through the Eviction API, with an event saying what was
-// exceeded. The store's filesystem has no project quotas here, so
+// capacity (or more inodes than MaxInodes), it marks the volume so that
+// its writes are never committed and says so on the PV
+// (AnnotationOverLimit): the manager then deletes the pod. The store's filesystem has no project quotas here, so
 // measuring is the only bound: a build can overshoot by what it writes in
 // one interval.
 type SizeLimiter struct {
-	// Client reads this node's PVs (from the cache) and evicts pods.
+	// Client reads this node's PVs (from the cache) and annotates them.
 	Client   client.Client
 	Store    *engine.Store
 	Recorder record.EventRecorder
@@ -54,8 +43,7 @@ type SizeLimiter struct {
 	// MaxInodes bounds each volume's files and directories (zero:
 	// DefaultMaxVolumeInodes).
 	MaxInodes int64
-	// evicted remembers the volumes whose pod was evicted, so that each
-	// gets one event and one eviction.
+	// evicted remembers the volumes reported over their bound.
 	evicted map[string]bool
 }
 
@@ -106,30 +94,11 @@ func (l *SizeLimiter) Check(ctx context.Context) error {
 			errs = append(errs, client.IgnoreNotFound(err))
 			continue
 		}
-		limit := pv.Spec.Capacity.Storage()
-		if limit.IsZero() {
-			continue
-		}
-		used, inodes, err := l.Store.VolumeUsage(v.ID)
-		if errors.Is(err, engine.ErrNotFound) {
-			continue // committed or discarded meanwhile
-		}
+		what, err := overBound(ctx, l.Store, v, pv, l.MaxInodes)
 		if err != nil {
 			errs = append(errs, err)
-			continue
-		}
-		logf.FromContext(ctx).V(logs.Trace).Info("Measured volume", "volume", v.ID, "bytes", used, "inodes", inodes, "limit", limit.Value())
-		maxInodes := l.MaxInodes
-		if maxInodes <= 0 {
-			maxInodes = DefaultMaxVolumeInodes
-		}
-		switch {
-		case used > limit.Value():
-			errs = append(errs, l.exceeded(ctx, v, fmt.Sprintf("volume %s of cache %s holds %s of writes, more than its size %s (%s)",
-				v.ID, v.Cache.Name, quantity(used), limit.String(), v1alpha1.AnnotationSize)))
-		case inodes > maxInodes:
-			errs = append(errs, l.exceeded(ctx, v, fmt.Sprintf("volume %s of cache %s holds %d files and directories, more than the node's bound %d (--max-volume-inodes)",
-				v.ID, v.Cache.Name, inodes, maxInodes)))
+		} else if what != "" {
+			errs = append(errs, l.exceeded(ctx, v, pv, what))
 		}
 	}
 	for id := range l.evicted {
@@ -140,35 +109,52 @@ func (l *SizeLimiter) Check(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-func (l *SizeLimiter) exceeded(ctx context.Context, v *engine.Volume, what string) error {
+// exceeded marks volume v so that its writes are never committed, and
+// tells the manager on its PV, which deletes the pod (the agent's rights
+// reach no pod); the manager checks first that the pod runs on this node.
+func (l *SizeLimiter) exceeded(ctx context.Context, v *engine.Volume, pv *corev1.PersistentVolume, what string) error {
 	if err := l.Store.ForbidCommit(v.ID, what); err != nil && !errors.Is(err, engine.ErrNotFound) {
 		return fmt.Errorf("forbidding the commit of volume %s: %w", v.ID, err)
 	}
-	volumeSizeExceeded.Inc()
-	ns, name, _ := strings.Cut(v.Labels[LabelPod], "/")
-	uid := types.UID(v.Labels[v1alpha1.AttrPodUID])
-	if ns == "" || name == "" || uid == "" {
-		logf.FromContext(ctx).Info("Volume over its size, with no pod to evict: its writes will be discarded", "volume", v.ID, "why", what)
-		l.evicted[v.ID] = true
-		return nil
+	if _, done := pv.Annotations[v1alpha1.AnnotationOverLimit]; !done {
+		patch := client.MergeFrom(pv.DeepCopy())
+		metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationOverLimit, what)
+		if err := l.Client.Patch(ctx, pv, patch); client.IgnoreNotFound(err) != nil {
+			return fmt.Errorf("reporting volume %s over its bound: %w", v.ID, err)
+		}
+		volumeSizeExceeded.Inc()
 	}
-	pod := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name, UID: uid}}
-	eviction := &policyv1.Eviction{
-		ObjectMeta:    metav1.ObjectMeta{Namespace: ns, Name: name},
-		DeleteOptions: &metav1.DeleteOptions{Preconditions: &metav1.Preconditions{UID: &uid}},
-	}
-	err := l.Client.SubResource("eviction").Create(ctx, pod, eviction)
-	switch {
-	case apierrors.IsNotFound(err), apierrors.IsConflict(err):
-		// The pod is gone (or is another pod of the same name now).
-	case err != nil:
-		// A PodDisruptionBudget, say: try again at the next check. The
-		// writes are already marked, they will never be committed.
-		return fmt.Errorf("evicting pod %s/%s: %w", ns, name, err)
-	default:
-		l.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonVolumeSizeExceeded, "Evicted: %s; its writes will not be committed", what)
-	}
-	logf.FromContext(ctx).Info("Evicted a pod whose volume outgrew its size", "pod", klog.KRef(ns, name), "volume", v.ID, "why", what)
+	logf.FromContext(ctx).Info("Volume over its bound: its writes will not be committed, and its pod is stopped", "volume", v.ID, "pod", v.Labels[LabelPod], "why", what)
 	l.evicted[v.ID] = true
 	return nil
+}
+
+// overBound measures volume v's writes against its PV's capacity and the
+// node's inode bound (zero: DefaultMaxVolumeInodes), and says what they
+// exceed; empty if nothing (or if the volume is gone).
+func overBound(ctx context.Context, s *engine.Store, v *engine.Volume, pv *corev1.PersistentVolume, maxInodes int64) (string, error) {
+	limit := pv.Spec.Capacity.Storage()
+	if limit.IsZero() {
+		return "", nil
+	}
+	used, inodes, err := s.VolumeUsage(v.ID)
+	if errors.Is(err, engine.ErrNotFound) {
+		return "", nil // committed or discarded meanwhile
+	}
+	if err != nil {
+		return "", err
+	}
+	logf.FromContext(ctx).V(logs.Trace).Info("Measured volume", "volume", v.ID, "bytes", used, "inodes", inodes, "limit", limit.Value())
+	if maxInodes <= 0 {
+		maxInodes = DefaultMaxVolumeInodes
+	}
+	switch {
+	case used > limit.Value():
+		return fmt.Sprintf("volume %s of cache %s holds %s of writes, more than its size %s (%s)",
+			v.ID, v.Cache.Name, quantity(used), limit.String(), v1alpha1.AnnotationSize), nil
+	case inodes > maxInodes:
+		return fmt.Sprintf("volume %s of cache %s holds %d files and directories, more than the node's bound %d (--max-volume-inodes)",
+			v.ID, v.Cache.Name, inodes, maxInodes), nil
+	}
+	return "", nil
 }

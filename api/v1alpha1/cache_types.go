@@ -8,7 +8,7 @@ import (
 )
 
 // CacheSpec is what a user may set on a cache. Everything is optional: a
-// Cache is created by layercache at its first commit.
+// Cache is created by the manager when it grants the first commit.
 type CacheSpec struct {
 	// ReadOnly freezes the cache: builds still read it, nothing is
 	// committed.

@@ -46,6 +46,12 @@ const (
 	// AnnotationPodPhase is written on a PV by the manager: the phase its
 	// claim's pod ended in, which the node agent commits by.
 	AnnotationPodPhase = "layercache.io/pod-phase"
+	// AnnotationOverLimit is written on a PV by its node's agent when the
+	// volume's writes outgrew their bound (its value says which): they
+	// will never be committed, and the manager deletes the pod that uses
+	// the volume. It is the only change an agent may make to a PV besides
+	// removing its finalizer.
+	AnnotationOverLimit = "layercache.io/over-limit"
 
 	TrustRead  = "read"
 	TrustWrite = "write"

@@ -20,10 +20,18 @@ type NodeCacheSpec struct {
 	// the node is behind.
 	// +optional
 	Registry *RegistryImage `json:"registry,omitempty"`
+	// CommitGranted is when the manager first let a volume of this cache
+	// on this node commit: a writable volume whose pod then ended so that
+	// it may (Succeeded, or Failed with commit-on-failure). The manager
+	// takes the node's word on a registry image (status.pushed) only once
+	// this is set: a node never granted a commit of a cache cannot steer
+	// what the other nodes pull for it.
+	// +optional
+	CommitGranted *metav1.Time `json:"commitGranted,omitempty"`
 }
 
-// NodeCache is one Cache's data on one node: created by that node's agent
-// at the node's first commit, owned by the Cache, its status written only
+// NodeCache is one Cache's data on one node: created by the manager when it
+// grants the node a commit (or by that node's agent at a pull), owned by the Cache, its status written only
 // by that agent. The manager gathers the NodeCaches of a Cache into the
 // Cache's status. Each node's agent watches only its own NodeCaches, so one
 // node's commit wakes no other node. Deleting a NodeCache deletes the data
