@@ -84,7 +84,7 @@ func (e *env) tags(cache string) []string {
 func (e *env) agentCounter(node, series string) float64 {
 	e.t.Helper()
 	agent := e.agentOn(node)
-	out := kubectl(e.t, "get", "--raw", "/api/v1/namespaces/layercache-system/pods/"+agent.Name+":8080/proxy/metrics")
+	out := kubectl(e.t, "get", "--raw", "/api/v1/namespaces/layercache-system/pods/"+agent.Name+":8443/proxy/metrics")
 	for _, line := range strings.Split(out, "\n") {
 		if v, ok := strings.CutPrefix(line, series+" "); ok {
 			f, err := strconv.ParseFloat(strings.TrimSpace(v), 64)

@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -20,6 +21,7 @@ import (
 	ctrlconfig "sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/healthz"
 	"sigs.k8s.io/controller-runtime/pkg/log/zap"
+	"sigs.k8s.io/controller-runtime/pkg/metrics/filters"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	v1alpha1 "github.com/layercache/layercache/api/v1alpha1"
@@ -32,6 +34,7 @@ type config struct {
 	testing                    bool // set by tests only
 	nodeName, root, kubeletDir string
 	metricsAddr, probeAddr     string
+	secureMetrics              bool
 	compactThreshold           int
 	maintenanceInterval        time.Duration
 	sizeCheckInterval          time.Duration
@@ -44,12 +47,13 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.StringVar(&c.nodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (default $NODE_NAME)")
 	fs.StringVar(&c.root, "root", engine.DefaultRoot, "the store directory on the node")
 	fs.StringVar(&c.kubeletDir, "kubelet-dir", "/var/lib/kubelet", "the kubelet's root directory (plugin registration and CSI sockets)")
-	fs.StringVar(&c.metricsAddr, "metrics-bind-address", ":8080", "address of the metrics endpoint (0 to disable)")
+	fs.StringVar(&c.metricsAddr, "metrics-bind-address", ":8443", "address of the metrics endpoint (0 to disable)")
+	fs.BoolVar(&c.secureMetrics, "metrics-secure", true, "serve metrics over HTTPS, authenticated and authorised by the API server (their labels name the node's namespaces and caches)")
 	fs.StringVar(&c.probeAddr, "health-probe-bind-address", ":8081", "address of the health and readiness probes")
 	fs.IntVar(&c.compactThreshold, "compact-threshold", engine.DefaultCompactThreshold, "chain length at which a cache is compacted")
 	fs.DurationVar(&c.maintenanceInterval, "maintenance-interval", 5*time.Minute, "how often GC, orphan removal and the disk budget run")
-	fs.DurationVar(&c.sizeCheckInterval, "volume-size-check-interval", nodeagent.DefaultSizeCheckInterval, "how often each volume's writes are measured against its size (a volume over it gets its pod evicted)")
-	fs.Int64Var(&c.maxVolumeInodes, "max-volume-inodes", nodeagent.DefaultMaxVolumeInodes, "most files and directories a volume's writes may hold (a volume over it gets its pod evicted, as for its size)")
+	fs.DurationVar(&c.sizeCheckInterval, "volume-size-check-interval", nodeagent.DefaultSizeCheckInterval, "how often each volume's writes are measured against its size (a volume over it is never committed and its pod is deleted)")
+	fs.Int64Var(&c.maxVolumeInodes, "max-volume-inodes", nodeagent.DefaultMaxVolumeInodes, "most files and directories a volume's writes may hold (a volume over it is never committed and its pod is deleted, as for its size)")
 	c.registry.BindNode(fs)
 	fs.StringVar(&c.diskBudget, "max-disk-usage", "", "evict least recently used caches when the node's caches use more (e.g. 100Gi; empty for no limit)")
 }
@@ -107,9 +111,14 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err := v1alpha1.AddToScheme(scheme); err != nil {
 		return err
 	}
+	metrics := metricsserver.Options{BindAddress: cfg.metricsAddr, SecureServing: cfg.secureMetrics,
+		TLSOpts: []func(*tls.Config){func(c *tls.Config) { c.NextProtos = []string{"http/1.1"} }}}
+	if cfg.secureMetrics {
+		metrics.FilterProvider = filters.WithAuthenticationAndAuthorization
+	}
 	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
 		Scheme:                 scheme,
-		Metrics:                metricsserver.Options{BindAddress: cfg.metricsAddr},
+		Metrics:                metrics,
 		HealthProbeBindAddress: cfg.probeAddr,
 		LeaderElection:         false, // one agent per node, each acting on its own node
 		// Tests start several managers in one process.

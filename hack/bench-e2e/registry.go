@@ -275,7 +275,7 @@ func (b *bench) pushCounters(node string) (bytes, seconds float64, err error) {
 	if err != nil || len(pods.Items) != 1 {
 		return 0, 0, fmt.Errorf("the node agent on %s: %v", node, err)
 	}
-	raw, err := b.cs.CoreV1().RESTClient().Get().AbsPath("/api/v1/namespaces/layercache-system/pods", pods.Items[0].Name+":8080", "proxy", "metrics").DoRaw(b.ctx)
+	raw, err := b.cs.CoreV1().RESTClient().Get().AbsPath("/api/v1/namespaces/layercache-system/pods", pods.Items[0].Name+":8443", "proxy", "metrics").DoRaw(b.ctx)
 	if err != nil {
 		return 0, 0, err
 	}

@@ -168,7 +168,8 @@ func TestChartRendersConfigDefault(t *testing.T) {
 // config/local does, but for the local cluster's own registry.
 func TestChartRendersConfigLocal(t *testing.T) {
 	root, helm, kubectl := tools(t)
-	chart := helmTemplate(t, root, helm, "certificates.mode=builtin", "registry.url=10.96.0.50:5000/layercache", "registry.insecure=true")
+	chart := helmTemplate(t, root, helm, "certificates.mode=builtin", "registry.url=10.96.0.50:5000/layercache", "registry.insecure=true",
+		"nodeAgent.secureMetrics=false")
 	config := kustomize(t, root, kubectl, "config/local",
 		"Deployment layercache-system/layercache-registry", "Service layercache-system/layercache-registry")
 	compare(t, "the chart (builtin certificates, a registry)", chart, "config/local", config)
