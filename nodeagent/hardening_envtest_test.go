@@ -131,6 +131,32 @@ func TestSizesAreEnforced(t *testing.T) {
 		}
 	})
 
+	// On main, host directories were never measured.
+	t.Run("a host directory over its size is reported on its PV", func(t *testing.T) {
+		s.t = t
+		pv := s.pv("pvc-hd1", map[string]string{v1alpha1.AttrKind: v1alpha1.KindHostDir})
+		patch := client.MergeFrom(pv.DeepCopy())
+		pv.Spec.Capacity[corev1.ResourceStorage] = resource.MustParse("1Mi")
+		if err := s.c.Patch(s.ctx, pv, patch); err != nil {
+			t.Fatal(err)
+		}
+		target := s.build(pv, map[string]string{"huge": strings.Repeat("x", 2<<20)}, true)
+		limiter := &SizeLimiter{Client: s.c, Store: s.store, Recorder: s.rec}
+		if err := limiter.Check(s.ctx); err != nil {
+			t.Fatal(err)
+		}
+		got := &corev1.PersistentVolume{}
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pv), got); err != nil {
+			t.Fatal(err)
+		}
+		if why := got.Annotations[v1alpha1.AnnotationOverLimit]; !strings.Contains(why, "volume pvc-hd1 holds ") || !strings.Contains(why, "more than its size 1Mi") {
+			t.Errorf("the host directory's PV says %q, want it over its size", why)
+		}
+		s.unpublish(pv, target)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+	})
+
 	// The last writes may come after the last periodic check: on main, a
 	// build that outgrew its size just before it ended was committed.
 	t.Run("a volume over its size at commit is never committed", func(t *testing.T) {

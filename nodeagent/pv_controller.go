@@ -165,7 +165,8 @@ func (r *PVReconciler) finishCacheVolume(ctx context.Context, pv *corev1.Persist
 	}
 	if v.Writable && v.NoCommit == "" && v.CommitLayer == "" {
 		// Measured once more: the last writes came after the last check.
-		if v.NoCommit, err = overBound(ctx, r.Store, v, pv, r.MaxInodes); err != nil {
+		usage := func() (int64, int64, error) { return r.Store.VolumeUsage(v.ID) }
+		if v.NoCommit, err = overBound(ctx, v.ID, pv, r.MaxInodes, usage); err != nil {
 			return err
 		}
 	}

@@ -72,12 +72,17 @@ func (l *SizeLimiter) Start(ctx context.Context) error {
 	}
 }
 
-// Check measures every cache volume once and acts on those over their size.
+// Check measures every cache volume and host directory once and acts on
+// those over their bound.
 func (l *SizeLimiter) Check(ctx context.Context) error {
 	if l.evicted == nil {
 		l.evicted = map[string]bool{}
 	}
 	vols, err := l.Store.Volumes()
+	if err != nil {
+		return err
+	}
+	dirs, err := l.Store.HostDirs()
 	if err != nil {
 		return err
 	}
@@ -88,17 +93,12 @@ func (l *SizeLimiter) Check(ctx context.Context) error {
 		if l.evicted[v.ID] || v.CommitLayer != "" {
 			continue
 		}
-		pv := &corev1.PersistentVolume{}
-		if err := l.Client.Get(ctx, client.ObjectKey{Name: v.ID}, pv); err != nil {
-			// No PV (any more): the orphan sweep removes the volume.
-			errs = append(errs, client.IgnoreNotFound(err))
-			continue
-		}
-		what, err := overBound(ctx, l.Store, v, pv, l.MaxInodes)
-		if err != nil {
-			errs = append(errs, err)
-		} else if what != "" {
-			errs = append(errs, l.exceeded(ctx, v, pv, what))
+		errs = append(errs, l.check(ctx, v.ID, v, func() (int64, int64, error) { return l.Store.VolumeUsage(v.ID) }))
+	}
+	for _, id := range dirs {
+		live[id] = true
+		if !l.evicted[id] {
+			errs = append(errs, l.check(ctx, id, nil, func() (int64, int64, error) { return l.Store.HostDirUsage(id) }))
 		}
 	}
 	for id := range l.evicted {
@@ -109,52 +109,72 @@ func (l *SizeLimiter) Check(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
-// exceeded marks volume v so that its writes are never committed, and
-// tells the manager on its PV, which deletes the pod (the agent's rights
-// reach no pod); the manager checks first that the pod runs on this node.
-func (l *SizeLimiter) exceeded(ctx context.Context, v *engine.Volume, pv *corev1.PersistentVolume, what string) error {
-	if err := l.Store.ForbidCommit(v.ID, what); err != nil && !errors.Is(err, engine.ErrNotFound) {
-		return fmt.Errorf("forbidding the commit of volume %s: %w", v.ID, err)
+// check measures volume id (v: a cache volume; nil: a host directory)
+// against its PV and acts if it is over.
+func (l *SizeLimiter) check(ctx context.Context, id string, v *engine.Volume, usage func() (int64, int64, error)) error {
+	pv := &corev1.PersistentVolume{}
+	if err := l.Client.Get(ctx, client.ObjectKey{Name: id}, pv); err != nil {
+		// No PV (any more): the orphan sweep removes the volume.
+		return client.IgnoreNotFound(err)
+	}
+	what, err := overBound(ctx, id, pv, l.MaxInodes, usage)
+	if err != nil || what == "" {
+		return err
+	}
+	return l.exceeded(ctx, id, v, pv, what)
+}
+
+// exceeded marks cache volume v (nil for a host directory) so that its
+// writes are never committed, and tells the manager on its PV, which
+// deletes the pod (the agent's rights reach no pod); the manager checks
+// first that the pod runs on this node.
+func (l *SizeLimiter) exceeded(ctx context.Context, id string, v *engine.Volume, pv *corev1.PersistentVolume, what string) error {
+	if v != nil {
+		if err := l.Store.ForbidCommit(id, what); err != nil && !errors.Is(err, engine.ErrNotFound) {
+			return fmt.Errorf("forbidding the commit of volume %s: %w", id, err)
+		}
 	}
 	if _, done := pv.Annotations[v1alpha1.AnnotationOverLimit]; !done {
 		patch := client.MergeFrom(pv.DeepCopy())
 		metav1.SetMetaDataAnnotation(&pv.ObjectMeta, v1alpha1.AnnotationOverLimit, what)
 		if err := l.Client.Patch(ctx, pv, patch); client.IgnoreNotFound(err) != nil {
-			return fmt.Errorf("reporting volume %s over its bound: %w", v.ID, err)
+			return fmt.Errorf("reporting volume %s over its bound: %w", id, err)
 		}
 		volumeSizeExceeded.Inc()
 	}
-	logf.FromContext(ctx).Info("Volume over its bound: its writes will not be committed, and its pod is stopped", "volume", v.ID, "pod", v.Labels[LabelPod], "why", what)
-	l.evicted[v.ID] = true
+	logf.FromContext(ctx).Info("Volume over its bound: its writes will not be committed, and its pod is stopped", "volume", id, "why", what)
+	l.evicted[id] = true
 	return nil
 }
 
-// overBound measures volume v's writes against its PV's capacity and the
-// node's inode bound (zero: DefaultMaxVolumeInodes), and says what they
-// exceed; empty if nothing (or if the volume is gone).
-func overBound(ctx context.Context, s *engine.Store, v *engine.Volume, pv *corev1.PersistentVolume, maxInodes int64) (string, error) {
+// overBound measures volume id (usage: its writes) against its PV's
+// capacity and the node's inode bound (zero: DefaultMaxVolumeInodes), and
+// says what they exceed; empty if nothing (or if the volume is gone).
+func overBound(ctx context.Context, id string, pv *corev1.PersistentVolume, maxInodes int64, usage func() (int64, int64, error)) (string, error) {
 	limit := pv.Spec.Capacity.Storage()
 	if limit.IsZero() {
 		return "", nil
 	}
-	used, inodes, err := s.VolumeUsage(v.ID)
+	used, inodes, err := usage()
 	if errors.Is(err, engine.ErrNotFound) {
 		return "", nil // committed or discarded meanwhile
 	}
 	if err != nil {
 		return "", err
 	}
-	logf.FromContext(ctx).V(logs.Trace).Info("Measured volume", "volume", v.ID, "bytes", used, "inodes", inodes, "limit", limit.Value())
+	logf.FromContext(ctx).V(logs.Trace).Info("Measured volume", "volume", id, "bytes", used, "inodes", inodes, "limit", limit.Value())
 	if maxInodes <= 0 {
 		maxInodes = DefaultMaxVolumeInodes
 	}
+	what := "volume " + id
+	if c := pv.Spec.CSI; c != nil && c.VolumeAttributes[v1alpha1.AttrCache] != "" {
+		what += " of cache " + c.VolumeAttributes[v1alpha1.AttrCache]
+	}
 	switch {
 	case used > limit.Value():
-		return fmt.Sprintf("volume %s of cache %s holds %s of writes, more than its size %s (%s)",
-			v.ID, v.Cache.Name, quantity(used), limit.String(), v1alpha1.AnnotationSize), nil
+		return fmt.Sprintf("%s holds %s of writes, more than its size %s (%s)", what, quantity(used), limit.String(), v1alpha1.AnnotationSize), nil
 	case inodes > maxInodes:
-		return fmt.Sprintf("volume %s of cache %s holds %d files and directories, more than the node's bound %d (--max-volume-inodes)",
-			v.ID, v.Cache.Name, inodes, maxInodes), nil
+		return fmt.Sprintf("%s holds %d files and directories, more than the node's bound %d (--max-volume-inodes)", what, inodes, maxInodes), nil
 	}
 	return "", nil
 }
