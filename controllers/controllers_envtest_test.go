@@ -209,7 +209,7 @@ func TestManagerReconcilers(t *testing.T) {
 		ns := s.namespace("fallback")
 		pod := buildPod(ns, "branch", "feature-x", "read", "default")
 		claims := []v1alpha1.Claim{{Cache: "feature-x", ClaimName: "branch-feature-x-x1", Volume: "cache", Trust: "read",
-			Size: "1Gi", StorageClass: "layercache", MountPath: "/cache", RestoreFrom: []string{"main", "release"}}}
+			Size: "1Gi", StorageClass: "layercache", MountPath: "/cache", RestoreFrom: []string{"main", "release"}, MaxInodes: 5000}}
 		data, _ := json.Marshal(claims)
 		pod.Annotations[v1alpha1.AnnotationClaims] = string(data)
 		s.create(pod)
@@ -220,6 +220,10 @@ func TestManagerReconcilers(t *testing.T) {
 		pv := s.schedule(pvc)
 		if got := pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrRestoreFrom]; got != "main,release" {
 			t.Errorf("PV attributes = %v, want %s=main,release", pv.Spec.CSI.VolumeAttributes, v1alpha1.AttrRestoreFrom)
+		}
+		// The claim's inode bound (layercache.io/max-inodes) reaches the node.
+		if got := pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrMaxInodes]; got != "5000" {
+			t.Errorf("PV attributes = %v, want %s=5000", pv.Spec.CSI.VolumeAttributes, v1alpha1.AttrMaxInodes)
 		}
 
 		// A pod that names its own cache as a fallback gets no claim.

@@ -210,6 +210,28 @@ func TestSizesAreEnforced(t *testing.T) {
 		if why := got.Annotations[v1alpha1.AnnotationOverLimit]; !strings.Contains(why, "holds 201 files and directories, more than the node's bound 100") {
 			t.Errorf("the PV says %q, want the inode bound named", why)
 		}
+		// A pod's own bound (layercache.io/max-inodes) is lower: it wins.
+		a2 := attrs(ns, "inodes", true)
+		a2[v1alpha1.AttrMaxInodes] = "50"
+		pv2 := s.pv("pvc-i2", a2)
+		target2 := s.publishFor(pv2, pod)
+		for i := range 60 {
+			if err := os.WriteFile(filepath.Join(target2, fmt.Sprintf("empty-%d", i)), nil, 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := limiter.Check(s.ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := s.c.Get(s.ctx, client.ObjectKeyFromObject(pv2), got); err != nil {
+			t.Fatal(err)
+		}
+		if why := got.Annotations[v1alpha1.AnnotationOverLimit]; !strings.Contains(why, "holds 61 files and directories, more than its bound 50 (layercache.io/max-inodes)") {
+			t.Errorf("the PV says %q, want the pod's inode bound named", why)
+		}
+		s.unpublish(pv2, target2)
+		s.release(pv2, "Succeeded", false)
+		s.pvGone(pv2)
 		s.unpublish(pv, target)
 		s.release(pv, "Succeeded", false)
 		s.pvGone(pv)

@@ -166,6 +166,12 @@ func overBound(ctx context.Context, id string, pv *corev1.PersistentVolume, maxI
 	if maxInodes <= 0 {
 		maxInodes = DefaultMaxVolumeInodes
 	}
+	bound := "the node's bound"
+	if c := pv.Spec.CSI; c != nil {
+		if n, err := v1alpha1.ParseMaxInodes(c.VolumeAttributes[v1alpha1.AttrMaxInodes]); err == nil && n < maxInodes {
+			maxInodes, bound = n, "its bound"
+		}
+	}
 	what := "volume " + id
 	if c := pv.Spec.CSI; c != nil && c.VolumeAttributes[v1alpha1.AttrCache] != "" {
 		what += " of cache " + c.VolumeAttributes[v1alpha1.AttrCache]
@@ -174,7 +180,11 @@ func overBound(ctx context.Context, id string, pv *corev1.PersistentVolume, maxI
 	case used > limit.Value():
 		return fmt.Sprintf("%s holds %s of writes, more than its size %s (%s)", what, quantity(used), limit.String(), v1alpha1.AnnotationSize), nil
 	case inodes > maxInodes:
-		return fmt.Sprintf("%s holds %d files and directories, more than the node's bound %d (--max-volume-inodes)", what, inodes, maxInodes), nil
+		flag := "--max-volume-inodes"
+		if bound == "its bound" {
+			flag = v1alpha1.AnnotationMaxInodes
+		}
+		return fmt.Sprintf("%s holds %d files and directories, more than %s %d (%s)", what, inodes, bound, maxInodes, flag), nil
 	}
 	return "", nil
 }

@@ -45,7 +45,9 @@ type plan struct {
 	// restoreFrom are the fallback caches of the pod's own cache (the
 	// first request).
 	restoreFrom []string
-	warnings    []string
+	// maxInodes is AnnotationMaxInodes (zero: not set).
+	maxInodes int64
+	warnings  []string
 }
 
 // fieldError names the label or annotation at fault and the rule it breaks.
@@ -123,6 +125,13 @@ func (p *plan) readSettings(pod *corev1.Pod, name string, opts Options) error {
 			return annotationError(v1alpha1.AnnotationSize, s, fmt.Sprintf("must be at most %s (the manager's --max-volume-size)", opts.MaxSize.String()))
 		}
 		p.size = q
+	}
+	if s, ok := ann[v1alpha1.AnnotationMaxInodes]; ok {
+		n, err := v1alpha1.ParseMaxInodes(s)
+		if err != nil {
+			return annotationError(v1alpha1.AnnotationMaxInodes, s, err.Error()+" (files and directories)")
+		}
+		p.maxInodes = n
 	}
 	if v, ok := ann[v1alpha1.AnnotationCommitOnFailure]; ok && v != "true" && v != "false" {
 		return annotationError(v1alpha1.AnnotationCommitOnFailure, v, `must be "true" or "false"`)

@@ -51,6 +51,7 @@ func TestMakePlanRejects(t *testing.T) {
 		{"root mount path", cacheLabel("x"), map[string]string{v1alpha1.AnnotationMountPath: "/"}, nil, `must not be /`},
 		{"bad size", cacheLabel("x"), map[string]string{v1alpha1.AnnotationSize: "lots"}, nil, `annotation layercache.io/size="lots": must be a positive quantity`},
 		{"zero size", cacheLabel("x"), map[string]string{v1alpha1.AnnotationSize: "0"}, nil, `must be a positive quantity`},
+		{"bad inode bound", cacheLabel("x"), map[string]string{v1alpha1.AnnotationMaxInodes: "many"}, nil, `annotation layercache.io/max-inodes="many": must be a positive integer`},
 		{"missing volume", cacheLabel("x"), map[string]string{v1alpha1.AnnotationVolume: "workspace"}, nil, `annotation layercache.io/volume="workspace": names no volume of the pod`},
 		{"bad commit-on-failure", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCommitOnFailure: "yes"}, nil, `must be "true" or "false"`},
 		{"mount path clash", cacheLabel("x"), nil, func(p *corev1.Pod) {
@@ -122,13 +123,13 @@ func mutated(t *testing.T, pod *corev1.Pod, caches ...*v1alpha1.Cache) (*corev1.
 
 func TestMutationAddsVolumeAndMounts(t *testing.T) {
 	pod, p := mutated(t, testPod(map[string]string{v1alpha1.LabelCache: "example-project", v1alpha1.LabelTrust: "write"},
-		map[string]string{v1alpha1.AnnotationMountPath: "/root/.m2", v1alpha1.AnnotationSize: "2Gi"}))
+		map[string]string{v1alpha1.AnnotationMountPath: "/root/.m2", v1alpha1.AnnotationSize: "2Gi", v1alpha1.AnnotationMaxInodes: "20000"}))
 	if len(p.warnings) != 0 {
 		t.Errorf("warnings = %v", p.warnings)
 	}
 	claims := claimsOf(t, pod)
 	want := v1alpha1.Claim{Cache: "example-project", ClaimName: "build-example-project-abcde", Volume: "cache",
-		Trust: "write", Size: "2Gi", StorageClass: "layercache", MountPath: "/root/.m2"}
+		Trust: "write", Size: "2Gi", StorageClass: "layercache", MountPath: "/root/.m2", MaxInodes: 20000}
 	if len(claims) != 1 || !equality.Semantic.DeepEqual(claims[0], want) {
 		t.Fatalf("claims = %+v, want %+v", claims, want)
 	}

@@ -67,6 +67,9 @@ type VolumeContext struct {
 	RestoreFrom []string
 	// Node is the node the volume is for (empty on PVs made before it).
 	Node string
+	// MaxInodes bounds the files and directories of the volume's writes
+	// (AnnotationMaxInodes); zero: the node's bound alone.
+	MaxInodes int64
 }
 
 // Attributes encodes the volume context as PV volume attributes.
@@ -83,6 +86,9 @@ func (v VolumeContext) Attributes() map[string]string {
 	}
 	if v.Node != "" {
 		attrs[AttrNode] = v.Node
+	}
+	if v.MaxInodes > 0 {
+		attrs[AttrMaxInodes] = strconv.FormatInt(v.MaxInodes, 10)
 	}
 	return attrs
 }
@@ -114,7 +120,24 @@ func ParseVolumeContext(attrs map[string]string) (VolumeContext, error) {
 		}
 		v.RestoreFrom = from
 	}
+	if s, ok := attrs[AttrMaxInodes]; ok {
+		n, err := ParseMaxInodes(s)
+		if err != nil {
+			return v, fmt.Errorf("volume attribute %s=%q: %w", AttrMaxInodes, s, err)
+		}
+		v.MaxInodes = n
+	}
 	return v, nil
+}
+
+// ParseMaxInodes reads AnnotationMaxInodes (and AttrMaxInodes): a
+// positive integer.
+func ParseMaxInodes(s string) (int64, error) {
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("must be a positive integer")
+	}
+	return n, nil
 }
 
 // Validate checks that claim c is one that pod asks for, whoever wrote it
@@ -144,6 +167,9 @@ func (c Claim) Validate(pod *corev1.Pod) error {
 		if _, err := ParseRestoreFrom(strings.Join(c.RestoreFrom, ","), c.Cache); err != nil {
 			return fmt.Errorf("restoreFrom: %w", err)
 		}
+	}
+	if c.MaxInodes < 0 {
+		return fmt.Errorf("maxInodes %d: must be positive", c.MaxInodes)
 	}
 	return nil
 }

@@ -39,13 +39,13 @@ func TestParseRestoreFrom(t *testing.T) {
 // it could not have written is refused.
 func TestVolumeContextRoundTrip(t *testing.T) {
 	for _, vc := range []VolumeContext{
-		{Kind: KindCache, Namespace: "ci", Cache: "go", Write: true, PodUID: "uid-1", RestoreFrom: []string{"main"}},
+		{Kind: KindCache, Namespace: "ci", Cache: "go", Write: true, PodUID: "uid-1", RestoreFrom: []string{"main"}, MaxInodes: 5000},
 		{Kind: KindCache, Namespace: "ci", Cache: "go"},
 		{Kind: KindHostDir, Namespace: "ci"},
 	} {
 		got, err := ParseVolumeContext(vc.Attributes())
 		if err != nil || got.Kind != vc.Kind || got.Cache != vc.Cache || got.Write != vc.Write || got.PodUID != vc.PodUID ||
-			strings.Join(got.RestoreFrom, ",") != strings.Join(vc.RestoreFrom, ",") {
+			strings.Join(got.RestoreFrom, ",") != strings.Join(vc.RestoreFrom, ",") || got.MaxInodes != vc.MaxInodes {
 			t.Errorf("round trip of %+v: %+v, %v", vc, got, err)
 		}
 	}
@@ -57,6 +57,7 @@ func TestVolumeContextRoundTrip(t *testing.T) {
 		{map[string]string{AttrNamespace: "ci", AttrCache: "../x"}, "not a cache name"},
 		{map[string]string{AttrNamespace: "", AttrCache: "go"}, "not a namespace name"},
 		{map[string]string{AttrNamespace: "ci", AttrCache: "go", AttrRestoreFrom: "go"}, "names the claim's own cache"},
+		{map[string]string{AttrNamespace: "ci", AttrCache: "go", AttrMaxInodes: "-1"}, "must be a positive integer"},
 	} {
 		if _, err := ParseVolumeContext(tt.attrs); err == nil || !strings.Contains(err.Error(), tt.err) {
 			t.Errorf("ParseVolumeContext(%v) = %v, want an error saying %q", tt.attrs, err, tt.err)

@@ -21,6 +21,10 @@ const (
 	AnnotationVolume = "layercache.io/volume"
 	// AnnotationSize is the size requested for the volume's writable layer.
 	AnnotationSize = "layercache.io/size"
+	// AnnotationMaxInodes bounds the files and directories the volume's
+	// writes may hold (every volume of the pod): at most the node's
+	// --max-volume-inodes, which wins if it is lower.
+	AnnotationMaxInodes = "layercache.io/max-inodes"
 	// AnnotationCaches lists more caches for the same pod:
 	// "NAME=/mount/path,NAME=/other/path".
 	AnnotationCaches = "layercache.io/caches"
@@ -82,6 +86,8 @@ type Claim struct {
 	MountPath string `json:"mountPath,omitempty"`
 	// RestoreFrom lists the fallback caches (AnnotationRestoreFrom).
 	RestoreFrom []string `json:"restoreFrom,omitempty"`
+	// MaxInodes is AnnotationMaxInodes; zero: the node's bound.
+	MaxInodes int64 `json:"maxInodes,omitempty"`
 }
 
 // Names shared by the manager (which provisions) and the node agent (which
@@ -110,6 +116,8 @@ const (
 	// AttrRestoreFrom lists the volume's fallback caches, separated by
 	// commas (from the PVC's AnnotationRestoreFrom).
 	AttrRestoreFrom = "layercache.io/restore-from"
+	// AttrMaxInodes is the claim's MaxInodes (AnnotationMaxInodes).
+	AttrMaxInodes = "layercache.io/max-inodes"
 
 	// LabelNode on a PV or a NodeCache is NodeLabelValue of the node that
 	// holds it, so that a node agent watches only its own.
