@@ -58,6 +58,18 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.StringVar(&c.diskBudget, "max-disk-usage", "", "evict least recently used caches when the node's caches use more (e.g. 100Gi; empty for no limit)")
 }
 
+// metricsOptions serves the metrics over HTTPS (HTTP/1.1 only), to
+// requests the API server authenticates and authorises, unless
+// --metrics-secure=false.
+func (c *config) metricsOptions() metricsserver.Options {
+	opts := metricsserver.Options{BindAddress: c.metricsAddr, SecureServing: c.secureMetrics,
+		TLSOpts: []func(*tls.Config){func(c *tls.Config) { c.NextProtos = []string{"http/1.1"} }}}
+	if c.secureMetrics {
+		opts.FilterProvider = filters.WithAuthenticationAndAuthorization
+	}
+	return opts
+}
+
 func main() {
 	var cfg config
 	cfg.bind(flag.CommandLine)
@@ -111,14 +123,9 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err := v1alpha1.AddToScheme(scheme); err != nil {
 		return err
 	}
-	metrics := metricsserver.Options{BindAddress: cfg.metricsAddr, SecureServing: cfg.secureMetrics,
-		TLSOpts: []func(*tls.Config){func(c *tls.Config) { c.NextProtos = []string{"http/1.1"} }}}
-	if cfg.secureMetrics {
-		metrics.FilterProvider = filters.WithAuthenticationAndAuthorization
-	}
 	mgr, err := ctrl.NewManager(restConfig, ctrl.Options{
 		Scheme:                 scheme,
-		Metrics:                metrics,
+		Metrics:                cfg.metricsOptions(),
 		HealthProbeBindAddress: cfg.probeAddr,
 		LeaderElection:         false, // one agent per node, each acting on its own node
 		// Tests start several managers in one process.
