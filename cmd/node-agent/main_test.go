@@ -120,12 +120,7 @@ func TestNodeAgentMetricsNeedAuthorisation(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := testenv.FreeAddr(t)
 	dir := t.TempDir()
 	cfg := parse(t, "--node-name", "node-a", "--root", filepath.Join(dir, "store"), "--kubelet-dir", filepath.Join(dir, "kubelet"),
 		"--metrics-bind-address", addr, "--health-probe-bind-address", "0")

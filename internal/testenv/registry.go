@@ -39,12 +39,7 @@ func StartRegistry(t testing.TB, userAndPassword ...string) *Registry {
 		}
 		t.Skipf("this test runs a real registry: build %s with hack/registry/build.sh (make test does)", bin)
 	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
+	addr := FreeAddr(t)
 	dir := t.TempDir()
 	r := &Registry{Addr: addr, Storage: filepath.Join(dir, "data"), bin: bin, config: filepath.Join(dir, "config.yml"), t: t}
 	config := fmt.Sprintf("version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\nhttp:\n  addr: %s\n  secret: test\n", r.Storage, addr)
@@ -108,4 +103,16 @@ func (r *Registry) Stop() {
 	r.cmd.Process.Kill()
 	<-r.exited
 	r.cmd = nil
+}
+
+// FreeAddr is a loopback address (127.0.0.1:PORT) nothing listens on now,
+// for a server a test starts.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
 }
