@@ -38,8 +38,8 @@ func (r *PodReconciler) grantCommit(ctx context.Context, pod *corev1.Pod, pv *co
 	if err != nil || vc.Kind != v1alpha1.KindCache || !vc.Write || node == "" || (pod.Spec.NodeName != "" && pod.Spec.NodeName != node) {
 		return nil
 	}
-	cache := &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: vc.Namespace, Name: vc.Cache}}
-	if err := getOrCreate(ctx, r.Client, cache); err != nil {
+	cache, err := getOrCreate(ctx, r.Client, &v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: vc.Namespace, Name: vc.Cache}})
+	if err != nil {
 		return fmt.Errorf("creating Cache %s: %w", vc.Cache, err)
 	}
 	if cache.DeletionTimestamp != nil {
@@ -49,7 +49,7 @@ func (r *PodReconciler) grantCommit(ctx context.Context, pod *corev1.Pod, pv *co
 	if err != nil {
 		return err
 	}
-	if err := getOrCreate(ctx, r.Client, nc); err != nil {
+	if nc, err = getOrCreate(ctx, r.Client, nc); err != nil {
 		return fmt.Errorf("creating NodeCache %s: %w", nc.Name, err)
 	}
 	if nc.Spec.CommitGranted != nil || nc.DeletionTimestamp != nil {
@@ -61,13 +61,21 @@ func (r *PodReconciler) grantCommit(ctx context.Context, pod *corev1.Pod, pv *co
 	return r.Patch(ctx, nc, client.MergeFrom(before))
 }
 
-// getOrCreate creates obj, or reads it into obj if it exists.
-func getOrCreate(ctx context.Context, c client.Client, obj client.Object) error {
-	err := c.Create(ctx, obj)
-	if apierrors.IsAlreadyExists(err) {
-		err = c.Get(ctx, client.ObjectKeyFromObject(obj), obj)
+// getOrCreate reads want's object (from the cache: no API call when it
+// exists, the common case after a cache's first commit on a node), or
+// creates it as given.
+func getOrCreate[T client.Object](ctx context.Context, c client.Client, want T) (T, error) {
+	got := want.DeepCopyObject().(T)
+	err := c.Get(ctx, client.ObjectKeyFromObject(want), got)
+	if !apierrors.IsNotFound(err) {
+		return got, err
 	}
-	return err
+	err = c.Create(ctx, want)
+	if apierrors.IsAlreadyExists(err) {
+		// Created meanwhile, and not in the cache yet: the retry reads it.
+		return want, fmt.Errorf("%s was created meanwhile: %w", client.ObjectKeyFromObject(want), err)
+	}
+	return want, err
 }
 
 // newNodeCache is the NodeCache of cache c on node, owned by c, holding

@@ -65,14 +65,23 @@ func TestManagerPolicyAndFrozenKeys(t *testing.T) {
 		return c.Patch(ctx, obj, patch)
 	}
 	swapImage := func(p *corev1.Pod) func() { return func() { p.Spec.Containers[0].Image = "evil" } }
-	// The policies take effect once the API server has compiled them.
-	for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
-		err := change(manager, unrelated, swapImage(unrelated))
-		if apierrors.IsForbidden(err) || apierrors.IsInvalid(err) {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("the manager's policy never took effect: %v", err)
+	// The policies take effect once the API server has compiled them, each
+	// in its own time: probe both, with dry runs that change nothing.
+	probes := map[string]func() error{
+		"layercache-manager": func() error { return changeDry(ctx, admin, manager, unrelated, swapImage(unrelated)) },
+		"layercache-frozen-keys": func() error {
+			return changeDry(ctx, admin, admin, build, func() { build.Annotations[v1alpha1.AnnotationCommitOnFailure] = "true" })
+		},
+	}
+	for name, probe := range probes {
+		for deadline := time.Now().Add(30 * time.Second); ; time.Sleep(200 * time.Millisecond) {
+			err := probe()
+			if apierrors.IsForbidden(err) || apierrors.IsInvalid(err) {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("the policy %s never took effect: %v", name, err)
+			}
 		}
 	}
 	denied := map[string]func() error{
@@ -115,4 +124,15 @@ func TestManagerPolicyAndFrozenKeys(t *testing.T) {
 			t.Errorf("%s: refused: %v", what, err)
 		}
 	}
+}
+
+// changeDry is a dry run, by c, of mutate on obj (read fresh by admin): the
+// admission chain runs, nothing is stored.
+func changeDry(ctx context.Context, admin, c client.Client, obj client.Object, mutate func()) error {
+	if err := admin.Get(ctx, client.ObjectKeyFromObject(obj), obj); err != nil {
+		return err
+	}
+	patch := client.MergeFrom(obj.DeepCopyObject().(client.Object))
+	mutate()
+	return c.Patch(ctx, obj, patch, client.DryRunAll)
 }
