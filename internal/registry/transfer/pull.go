@@ -303,10 +303,14 @@ func stageBlob(ctx context.Context, c *registry.Client, s *engine.Store, repo na
 		return nil, nil, 0, err
 	}
 	blob := &hashingReader{r: io.LimitReader(body, desc.Size+1), h: sha256.New()}
-	_, readErr := io.Copy(f, blob)
+	staged := &recordingWriter{w: f}
+	_, readErr := io.Copy(staged, blob)
 	switch {
 	case ctx.Err() != nil:
 		err = context.Cause(ctx)
+	case staged.err != nil:
+		// The node's disk (full, say), not the registry's blob.
+		err = fmt.Errorf("staging blob %s: %w", desc.Digest, staged.err)
 	case blob.digest() != desc.Digest.String() || blob.n != desc.Size:
 		// Whatever the error (go-containerregistry's own check fails at
 		// the end of a wrong blob), the blob is not the one named.
@@ -322,6 +326,20 @@ func stageBlob(ctx context.Context, c *registry.Client, s *engine.Store, repo na
 		return nil, nil, blob.n, err
 	}
 	return f, done, blob.n, nil
+}
+
+// recordingWriter remembers its writer's error, to tell it from a read's.
+type recordingWriter struct {
+	w   io.Writer
+	err error
+}
+
+func (r *recordingWriter) Write(p []byte) (int, error) {
+	n, err := r.w.Write(p)
+	if err != nil {
+		r.err = err
+	}
+	return n, err
 }
 
 type hashingReader struct {

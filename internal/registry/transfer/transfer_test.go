@@ -532,3 +532,30 @@ func TestBlobIsVerifiedBeforeExtraction(t *testing.T) {
 		t.Fatalf("the substitute was extracted before its digest was checked: %v", planted)
 	}
 }
+
+// A pull that fills the node's disk while it stages a blob fails with the
+// disk's error, not ErrCorrupt: the registry's blob is intact.
+func TestStagingOnAFullDiskIsNotCorruption(t *testing.T) {
+	requireRoot(t)
+	reg := testenv.StartRegistry(t)
+	a := newStore(t)
+	noise := make([]byte, 2<<20)
+	_, _ = rand.Read(noise) // incompressible: the blob is as large
+	g := commit(t, a, key, func(mnt string) { must(t, os.WriteFile(filepath.Join(mnt, "noise"), noise, 0o644)) })
+	ctx := context.Background()
+	c := newClient(t, reg, 0)
+	p, err := Push(ctx, c, a, key, g, "a")
+	must(t, err)
+	small := t.TempDir()
+	must(t, unix.Mount("tmpfs", small, "tmpfs", 0, "size=512k"))
+	t.Cleanup(func() { _ = unix.Unmount(small, unix.MNT_DETACH) })
+	b, err := engine.Open(filepath.Join(small, "store"), engine.Options{})
+	must(t, err)
+	_, err = Pull(ctx, c, b, key, p.Digest, PullOptions{})
+	if err == nil || errors.Is(err, ErrCorrupt) || !errors.Is(err, unix.ENOSPC) {
+		t.Fatalf("pulling onto a full disk: %v, want ENOSPC and not ErrCorrupt", err)
+	}
+	if entries, _ := os.ReadDir(filepath.Join(b.Root(), "tmp")); len(entries) != 0 {
+		t.Errorf("left in the store's tmp: %v", entries)
+	}
+}
