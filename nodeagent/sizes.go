@@ -166,10 +166,10 @@ func overBound(ctx context.Context, id string, pv *corev1.PersistentVolume, maxI
 	if maxInodes <= 0 {
 		maxInodes = DefaultMaxVolumeInodes
 	}
-	bound := "the node's bound"
+	bound := "the node's bound %d (--max-volume-inodes)"
 	if c := pv.Spec.CSI; c != nil {
 		if n, err := v1alpha1.ParseMaxInodes(c.VolumeAttributes[v1alpha1.AttrMaxInodes]); err == nil && n < maxInodes {
-			maxInodes, bound = n, "its bound"
+			maxInodes, bound = n, "its bound %d ("+v1alpha1.AnnotationMaxInodes+")"
 		}
 	}
 	what := "volume " + id
@@ -180,11 +180,7 @@ func overBound(ctx context.Context, id string, pv *corev1.PersistentVolume, maxI
 	case used > limit.Value():
 		return fmt.Sprintf("%s holds %s of writes, more than its size %s (%s)", what, quantity(used), limit.String(), v1alpha1.AnnotationSize), nil
 	case inodes > maxInodes:
-		flag := "--max-volume-inodes"
-		if bound == "its bound" {
-			flag = v1alpha1.AnnotationMaxInodes
-		}
-		return fmt.Sprintf("%s holds %d files and directories, more than %s %d (%s)", what, inodes, bound, maxInodes, flag), nil
+		return fmt.Sprintf("%s holds %d files and directories, more than "+bound, what, inodes, maxInodes), nil
 	}
 	return "", nil
 }
