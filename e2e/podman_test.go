@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -40,13 +41,14 @@ func pushImage(t *testing.T, tarball, ref string) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	user, pass := registryUser(t)
 	r, err := name.ParseReference(ref, name.Insecure)
 	if err != nil {
 		t.Fatal(err)
 	}
 	// This host's route to the registry's cluster IP may take a moment.
 	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(2 * time.Second) {
-		if err = remote.Write(r, img); err == nil || time.Now().After(deadline) {
+		if err = remote.Write(r, img, remote.WithAuth(&authn.Basic{Username: user, Password: pass})); err == nil || time.Now().After(deadline) {
 			break
 		}
 	}
@@ -64,7 +66,33 @@ func nestedPodman(name, script string) *corev1.Pod {
 	c := &p.Spec.Containers[0]
 	c.Image, c.Command = "localhost/podman:dev", []string{"bash", "-c", script}
 	c.SecurityContext = &corev1.SecurityContext{Privileged: ptr(true)}
+	// podman signs in to the local registry with the credentials that
+	// registryClient copied into the namespace.
+	c.Env = []corev1.EnvVar{{Name: "REGISTRY_AUTH_FILE", Value: "/run/registry-auth/" + corev1.DockerConfigJsonKey}}
+	c.VolumeMounts = []corev1.VolumeMount{{Name: "registry-auth", MountPath: "/run/registry-auth", ReadOnly: true}}
+	p.Spec.Volumes = []corev1.Volume{{Name: "registry-auth", VolumeSource: corev1.VolumeSource{
+		Secret: &corev1.SecretVolumeSource{SecretName: "registry-auth"}}}}
 	return p
+}
+
+// registryClient lets the namespace's pods pull from the local registry:
+// its credentials as the Secret registry-auth, and the label that the
+// registry's NetworkPolicy admits (config/local/registry.yaml).
+func (e *env) registryClient() {
+	e.t.Helper()
+	sec := &corev1.Secret{}
+	if err := c.Get(e.ctx, client.ObjectKey{Namespace: "layercache-system", Name: "layercache-registry-auth"}, sec); err != nil {
+		e.t.Fatal(err)
+	}
+	e.create(&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "registry-auth", Namespace: e.ns}, Type: sec.Type, Data: sec.Data})
+	ns := &corev1.Namespace{}
+	if err := c.Get(e.ctx, client.ObjectKey{Name: e.ns}, ns); err != nil {
+		e.t.Fatal(err)
+	}
+	metav1.SetMetaDataLabel(&ns.ObjectMeta, "layercache-registry-client", "allow")
+	if err := c.Update(e.ctx, ns); err != nil {
+		e.t.Fatal(err)
+	}
 }
 
 // The seed's original demo: a pod runs a nested podman whose storage is a
@@ -79,6 +107,7 @@ func TestNestedPodmanImageStaysCached(t *testing.T) {
 	}
 	e := newEnv(t)
 	e.allowPrivileged()
+	e.registryClient()
 	ref := registryHost + "/e2e/golang:nested"
 	pushImage(t, "bench/golang.tar", ref)
 	run := `set -e; TIMEFORMAT='podman run took %R s'; time podman run --rm ` + ref + ` sh -c 'echo hello-from-nested; go version' 2>&1

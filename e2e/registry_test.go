@@ -3,6 +3,7 @@
 package e2e
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"regexp"
@@ -44,6 +45,24 @@ func (e *env) registryImage(cache, node string, gen int64) string {
 	return ca.Status.Registry.Image
 }
 
+// registryUser returns the user and password that hack/deploy-local.sh
+// gave the local registry, from the manager's and node agents' Secret.
+func registryUser(t *testing.T) (string, string) {
+	t.Helper()
+	sec := &corev1.Secret{}
+	if err := c.Get(context.Background(), client.ObjectKey{Namespace: "layercache-system", Name: "layercache-registry-auth"}, sec); err != nil {
+		t.Fatalf("the local registry's credentials: %v", err)
+	}
+	var cfg struct {
+		Auths map[string]struct{ Username, Password string } `json:"auths"`
+	}
+	if err := json.Unmarshal(sec.Data[corev1.DockerConfigJsonKey], &cfg); err != nil || cfg.Auths[registryHost].Username == "" {
+		t.Fatalf("the local registry's credentials: no user for %s (%v)", registryHost, err)
+	}
+	a := cfg.Auths[registryHost]
+	return a.Username, a.Password
+}
+
 // registryGet reads path of the registry's HTTP API from inside the
 // registry's pod (this host's own route to the cluster IP depends on its
 // kube-proxy, which may lag behind a registry that moved): ok is false on
@@ -54,7 +73,8 @@ func registryGet(t *testing.T, path, accept string) (bool, []byte) {
 	if accept != "" {
 		args = append(args, "--header", "Accept: "+accept)
 	}
-	args = append(args, "http://127.0.0.1:5000/v2/"+path)
+	user, pass := registryUser(t)
+	args = append(args, "http://"+user+":"+pass+"@127.0.0.1:5000/v2/"+path)
 	out, err := kubectlCmd(args...).Output()
 	return err == nil, out
 }
@@ -317,5 +337,22 @@ func TestPrefetchOnAllNodes(t *testing.T) {
 	}
 	if n := e.agentCounter("node3", `layercache_registry_transfers_total{op="pull",result="ok"}`); n != pulls {
 		t.Errorf("the first build on node3 pulled on its path (%v pulls)", n-pulls)
+	}
+}
+
+// A build pod reaches the registry only as an anonymous client, which the
+// local registry refuses: it cannot list the catalog nor read a cache's
+// tags, its own or another namespace's (caches often hold credentials).
+func TestRegistryRefusesAnonymousClients(t *testing.T) {
+	e := newEnv(t)
+	e.needNodes()
+	e.commitOn("node2", "secret", "trusted", `echo token > /cache/credentials`)
+	e.registryImage("secret", "node2", 1)
+	for _, path := range []string{"_catalog", registryPrefix + "/" + e.ns + "/secret/tags/list"} {
+		script := `wget -S -q -O- http://` + registryHost + `/v2/` + path + ` 2>&1; echo "rc=$?"`
+		phase, out := e.run(buildPod("anonymous-"+strconv.Itoa(len(path)), "", "", "", script, nil))
+		if phase != corev1.PodSucceeded || !strings.Contains(out, "401 Unauthorized") || strings.Contains(out, "rc=0") {
+			t.Errorf("an anonymous pod read /v2/%s: %s\n%s", path, phase, out)
+		}
 	}
 }

@@ -242,7 +242,10 @@ func median(ds []time.Duration) time.Duration {
 
 func (b *bench) setup() error {
 	b.cleanup()
-	if _, err := b.cs.CoreV1().Namespaces().Create(b.ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+	// The label lets the tarball baseline's pods reach the local registry
+	// past its NetworkPolicy (config/local/registry.yaml).
+	bns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns, Labels: map[string]string{"layercache-registry-client": "allow"}}}
+	if _, err := b.cs.CoreV1().Namespaces().Create(b.ctx, bns, metav1.CreateOptions{}); err != nil {
 		return err
 	}
 	if _, err := b.cs.CoreV1().ServiceAccounts(ns).Create(b.ctx, &corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "builder"}}, metav1.CreateOptions{}); err != nil {

@@ -14,9 +14,11 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
@@ -68,11 +70,15 @@ func (b *bench) registry() error {
 
 	// The full tarball, written with go-containerregistry.
 	fmt.Fprintln(os.Stderr, "writing the full tarball of the cache to the registry...")
+	user, pass, err := b.registryUser()
+	if err != nil {
+		return err
+	}
 	full, err := b.pushTarball(src, filepath.Join(dir, "full.tar.gz"), "tarball")
 	if err != nil {
 		return err
 	}
-	tarballInit := fmt.Sprintf("wget -q -O- http://%s/v2/%s/layercache-bench/tarball/blobs/%s | tar -xzf - -C /cache", registryHost, "layercache", full.digest)
+	tarballInit := fmt.Sprintf("wget -q -O- http://%s:%s@%s/v2/%s/layercache-bench/tarball/blobs/%s | tar -xzf - -C /cache", user, pass, registryHost, "layercache", full.digest)
 
 	read := podSpec{cache: rcache, trust: "read", script: "true"}
 	var onDemand, prefetched, tarballs, warm []time.Duration
@@ -298,10 +304,30 @@ type upload struct {
 	seconds float64
 }
 
+// registryUser returns the user and password that hack/deploy-local.sh
+// gave the local registry, from the manager's and node agents' Secret.
+func (b *bench) registryUser() (string, string, error) {
+	sec, err := b.cs.CoreV1().Secrets("layercache-system").Get(b.ctx, "layercache-registry-auth", metav1.GetOptions{})
+	if err != nil {
+		return "", "", fmt.Errorf("the local registry's credentials: %w", err)
+	}
+	var cfg struct {
+		Auths map[string]struct{ Username, Password string } `json:"auths"`
+	}
+	if err := json.Unmarshal(sec.Data[corev1.DockerConfigJsonKey], &cfg); err != nil || cfg.Auths[registryHost].Username == "" {
+		return "", "", fmt.Errorf("the local registry's credentials: no user for %s (%v)", registryHost, err)
+	}
+	return cfg.Auths[registryHost].Username, cfg.Auths[registryHost].Password, nil
+}
+
 // pushTarball writes dir as one gzip tar to file and uploads it as a layer
 // of layercache-bench/REPO: the full-tarball way, timed from the tar to
 // the end of the upload.
 func (b *bench) pushTarball(dir, file, repo string) (upload, error) {
+	user, pass, err := b.registryUser()
+	if err != nil {
+		return upload{}, err
+	}
 	start := time.Now()
 	if err := writeTarGz(dir, file); err != nil {
 		return upload{}, err
@@ -314,7 +340,7 @@ func (b *bench) pushTarball(dir, file, repo string) (upload, error) {
 	if err != nil {
 		return upload{}, err
 	}
-	if err := remote.WriteLayer(r, layer, remote.WithContext(b.ctx)); err != nil {
+	if err := remote.WriteLayer(r, layer, remote.WithContext(b.ctx), remote.WithAuth(&authn.Basic{Username: user, Password: pass})); err != nil {
 		return upload{}, err
 	}
 	d, err := layer.Digest()

@@ -169,9 +169,10 @@ func TestChartRendersConfigDefault(t *testing.T) {
 func TestChartRendersConfigLocal(t *testing.T) {
 	root, helm, kubectl := tools(t)
 	chart := helmTemplate(t, root, helm, "certificates.mode=builtin", "registry.url=10.96.0.50:5000/layercache", "registry.insecure=true",
-		"nodeAgent.secureMetrics=false")
+		"registry.authSecret=layercache-registry-auth", "nodeAgent.secureMetrics=false")
 	config := kustomize(t, root, kubectl, "config/local",
-		"Deployment layercache-system/layercache-registry", "Service layercache-system/layercache-registry")
+		"Deployment layercache-system/layercache-registry", "Service layercache-system/layercache-registry",
+		"NetworkPolicy layercache-system/layercache-registry")
 	compare(t, "the chart (builtin certificates, a registry)", chart, "config/local", config)
 }
 
