@@ -347,3 +347,56 @@ func TestPrivilegedPodsGetNoClaim(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// A pod's volumes are setuid only if it asks (layercache.io/setuid) and its
+// namespace allows it: where the webhook did not check (it was down, the
+// claims annotation is the pod's own), the manager creates no claim for a
+// pod whose namespace does not allow it, nor for a claim that says setuid
+// when the pod does not ask.
+func TestSetuidClaimsOnlyWhereTheNamespaceAllows(t *testing.T) {
+	s := start(t)
+	setuidPod := func(ns, name string, ask, claim bool) *corev1.Pod {
+		p := buildPod(ns, name, "tools", "read", "")
+		c := v1alpha1.Claim{Cache: "tools", ClaimName: name + "-tools-x1", Volume: "cache", Trust: "read",
+			Size: "1Gi", StorageClass: "layercache", MountPath: "/cache", Setuid: claim}
+		data, _ := json.Marshal([]v1alpha1.Claim{c})
+		p.Annotations[v1alpha1.AnnotationClaims] = string(data)
+		if ask {
+			p.Annotations[v1alpha1.AnnotationSetuid] = "true"
+		}
+		return p
+	}
+	ns := s.namespace()
+	s.create(setuidPod(ns, "refused", true, true))
+	s.create(setuidPod(ns, "forged", false, true))
+	s.eventually("the refusals", func() bool {
+		return strings.Contains(s.events(ns, "refused"), "label namespace "+ns+" layercache.io/setuid=allow") &&
+			strings.Contains(s.events(ns, "forged"), "setuid true, but the pod's annotation layercache.io/setuid")
+	})
+	for _, name := range []string{"refused-tools-x1", "forged-tools-x1"} {
+		if err := s.c.Get(s.ctx, client.ObjectKey{Namespace: ns, Name: name}, &corev1.PersistentVolumeClaim{}); !apierrors.IsNotFound(err) {
+			t.Errorf("claim %s was created: %v", name, err)
+		}
+	}
+
+	allowing := s.namespace()
+	nsObj := &corev1.Namespace{}
+	if err := s.c.Get(s.ctx, client.ObjectKey{Name: allowing}, nsObj); err != nil {
+		t.Fatal(err)
+	}
+	metav1.SetMetaDataLabel(&nsObj.ObjectMeta, v1alpha1.LabelSetuid, v1alpha1.SetuidAllow)
+	if err := s.c.Update(s.ctx, nsObj); err != nil {
+		t.Fatal(err)
+	}
+	for _, ask := range []bool{true, false} {
+		name := "plain"
+		if ask {
+			name = "setuid"
+		}
+		s.create(setuidPod(allowing, name, ask, ask))
+		pv := s.schedule(s.pvc(allowing, name+"-tools-x1"))
+		if got := pv.Spec.CSI.VolumeAttributes[v1alpha1.AttrSetuid]; (got == "true") != ask {
+			t.Errorf("pod %s: its PV says %s=%q", name, v1alpha1.AttrSetuid, got)
+		}
+	}
+}

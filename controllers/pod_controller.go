@@ -90,14 +90,14 @@ func (r *PodReconciler) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.R
 		r.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonBadClaims, "Annotation %s: %s: no claim is created", v1alpha1.AnnotationClaims, err)
 		return ctrl.Result{}, reconcile.TerminalError(err)
 	}
-	if v1alpha1.HostAccess(pod) != "" {
+	if v1alpha1.NamespaceMustAllow(pod) {
 		// The webhook checked it, unless it was down and the annotation
 		// is the pod's own.
 		ns := &corev1.Namespace{}
 		if err := r.Get(ctx, client.ObjectKey{Name: pod.Namespace}, ns); err != nil {
 			return ctrl.Result{}, err
 		}
-		if err := v1alpha1.CheckHostAccess(pod, ns); err != nil {
+		if err := v1alpha1.CheckNamespace(pod, ns); err != nil {
 			r.Recorder.Eventf(pod, corev1.EventTypeWarning, ReasonBadClaims, "%s: no claim is created", err)
 			return ctrl.Result{}, reconcile.TerminalError(err)
 		}

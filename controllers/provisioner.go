@@ -161,9 +161,9 @@ func (r *Provisioner) volumeContext(ctx context.Context, pvc *corev1.PersistentV
 		return vc, err
 	}
 	if d.claim != nil {
-		// A build pod's claim: its fallbacks (and its inode bound) are
+		// A build pod's claim: its fallbacks (its inode bound, setuid) are
 		// those the webhook checked, whatever the PVC says now.
-		vc.RestoreFrom, vc.MaxInodes = d.claim.RestoreFrom, d.claim.MaxInodes
+		vc.RestoreFrom, vc.MaxInodes, vc.Setuid = d.claim.RestoreFrom, d.claim.MaxInodes, d.claim.Setuid
 	}
 	vc.Write = d.allowed
 	if d.pod != nil {

@@ -103,3 +103,27 @@ func (e *env) logsOrEmpty(name string) string {
 	}
 	return string(raw)
 }
+
+// Cache volumes are nosuid unless the pod asks for layercache.io/setuid
+// and its namespace allows it: the webhook refuses the annotation
+// elsewhere, naming the label that would allow it.
+func TestSetuidOnlyWhereTheNamespaceAllows(t *testing.T) {
+	e := newEnv(t)
+	mountOptions := `awk '$5 == "/cache" { print $6 }' /proc/self/mountinfo`
+	setuid := map[string]string{v1alpha1.AnnotationSetuid: "true"}
+	refused := buildPod("refused", "tools", "read", "", mountOptions, setuid)
+	refused.Namespace = e.ns
+	if err := c.Create(e.ctx, refused); err == nil || !strings.Contains(err.Error(), "layercache.io/setuid=allow") {
+		t.Fatalf("a setuid pod in a namespace that does not allow it: %v", err)
+	}
+
+	e.labelNamespace(v1alpha1.LabelSetuid, v1alpha1.SetuidAllow)
+	phase, opts := e.run(buildPod("setuid", "tools", "read", "", mountOptions, setuid))
+	if phase != corev1.PodSucceeded || strings.Contains(opts, "nosuid") || !strings.Contains(opts, "nodev") {
+		t.Errorf("a setuid pod where the namespace allows it: %s, its cache mounted %q: want nodev without nosuid", phase, opts)
+	}
+	phase, opts = e.run(buildPod("plain", "tools", "read", "", mountOptions, nil))
+	if phase != corev1.PodSucceeded || !strings.Contains(opts, "nosuid") || !strings.Contains(opts, "nodev") {
+		t.Errorf("a pod that does not ask for setuid: %s, its cache mounted %q: want nosuid,nodev", phase, opts)
+	}
+}

@@ -95,6 +95,19 @@ func newEnv(t *testing.T) *env {
 	return e
 }
 
+// labelNamespace sets a label on the test's namespace.
+func (e *env) labelNamespace(key, value string) {
+	e.t.Helper()
+	ns := &corev1.Namespace{}
+	if err := c.Get(e.ctx, client.ObjectKey{Name: e.ns}, ns); err != nil {
+		e.t.Fatal(err)
+	}
+	metav1.SetMetaDataLabel(&ns.ObjectMeta, key, value)
+	if err := c.Update(e.ctx, ns); err != nil {
+		e.t.Fatal(err)
+	}
+}
+
 func (e *env) create(obj client.Object) {
 	e.t.Helper()
 	if err := c.Create(e.ctx, obj); err != nil {

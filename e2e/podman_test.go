@@ -85,14 +85,7 @@ func (e *env) registryClient() {
 		e.t.Fatal(err)
 	}
 	e.create(&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Name: "registry-auth", Namespace: e.ns}, Type: sec.Type, Data: sec.Data})
-	ns := &corev1.Namespace{}
-	if err := c.Get(e.ctx, client.ObjectKey{Name: e.ns}, ns); err != nil {
-		e.t.Fatal(err)
-	}
-	metav1.SetMetaDataLabel(&ns.ObjectMeta, "layercache-registry-client", "allow")
-	if err := c.Update(e.ctx, ns); err != nil {
-		e.t.Fatal(err)
-	}
+	e.labelNamespace("layercache-registry-client", "allow")
 }
 
 // The seed's original demo: a pod runs a nested podman whose storage is a
@@ -106,7 +99,7 @@ func TestNestedPodmanImageStaysCached(t *testing.T) {
 		}
 	}
 	e := newEnv(t)
-	e.allowPrivileged()
+	e.labelNamespace(v1alpha1.LabelPrivileged, v1alpha1.PrivilegedAllow)
 	e.registryClient()
 	ref := registryHost + "/e2e/golang:nested"
 	pushImage(t, "bench/golang.tar", ref)
@@ -133,18 +126,5 @@ func TestNestedPodmanImageStaysCached(t *testing.T) {
 	t.Logf("first pod:\n%s\nsecond pod:\n%s", first, second)
 	if !strings.Contains(second, "go version go1.") {
 		t.Errorf("the cached image does not run go:\n%s", second)
-	}
-}
-
-// allowPrivileged lets the namespace's privileged pods use caches.
-func (e *env) allowPrivileged() {
-	e.t.Helper()
-	ns := &corev1.Namespace{}
-	if err := c.Get(e.ctx, client.ObjectKey{Name: e.ns}, ns); err != nil {
-		e.t.Fatal(err)
-	}
-	metav1.SetMetaDataLabel(&ns.ObjectMeta, v1alpha1.LabelPrivileged, v1alpha1.PrivilegedAllow)
-	if err := c.Update(e.ctx, ns); err != nil {
-		e.t.Fatal(err)
 	}
 }

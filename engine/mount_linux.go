@@ -20,23 +20,27 @@ var overlayOptions = [][2]string{
 	{"index", "off"},
 }
 
-// mountOverlay mounts an overlay at target, nosuid and nodev: a build's
-// cache is data, and a setuid binary or a device node committed by one
-// build must not give the next one the node. lowers are ordered top first
-// (as overlayfs wants them).
-func mountOverlay(lowers []string, upper, work, target string) error {
-	err := mountOverlayFsconfig(lowers, upper, work, target)
+// mountOverlay mounts an overlay at target, nodev, and nosuid unless
+// setuid: a build's cache is data, and a setuid binary or a device node
+// committed by one build must not give the next one the node. lowers are
+// ordered top first (as overlayfs wants them).
+func mountOverlay(lowers []string, upper, work, target string, setuid bool) error {
+	attrs, flags := uint(unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NODEV), uintptr(unix.MS_NOSUID|unix.MS_NODEV)
+	if setuid {
+		attrs, flags = unix.MOUNT_ATTR_NODEV, unix.MS_NODEV
+	}
+	err := mountOverlayFsconfig(lowers, upper, work, target, attrs)
 	if errors.Is(err, unix.ENOSYS) || errors.Is(err, errNoLowerdirPlus) {
 		// Kernels before 6.8 have no "lowerdir+"; kernels before 5.2 no
 		// fsopen. Fall back to mount(2), whose options must fit in a page.
-		return mountOverlayLegacy(lowers, upper, work, target)
+		return mountOverlayLegacy(lowers, upper, work, target, flags)
 	}
 	return err
 }
 
 var errNoLowerdirPlus = errors.New("kernel has no lowerdir+")
 
-func mountOverlayFsconfig(lowers []string, upper, work, target string) error {
+func mountOverlayFsconfig(lowers []string, upper, work, target string, attrs uint) error {
 	fd, err := unix.Fsopen("overlay", unix.FSOPEN_CLOEXEC)
 	if err != nil {
 		return fmt.Errorf("fsopen overlay: %w", err)
@@ -70,7 +74,7 @@ func mountOverlayFsconfig(lowers []string, upper, work, target string) error {
 	if err := unix.FsconfigCreate(fd); err != nil {
 		return fmt.Errorf("creating overlay: %w%s", err, fsContextLog(fd))
 	}
-	mfd, err := unix.Fsmount(fd, unix.FSMOUNT_CLOEXEC, unix.MOUNT_ATTR_NOSUID|unix.MOUNT_ATTR_NODEV)
+	mfd, err := unix.Fsmount(fd, unix.FSMOUNT_CLOEXEC, int(attrs))
 	if err != nil {
 		return fmt.Errorf("fsmount overlay: %w%s", err, fsContextLog(fd))
 	}
@@ -99,7 +103,7 @@ func fsContextLog(fd int) string {
 	return " (" + strings.Join(msgs, "; ") + ")"
 }
 
-func mountOverlayLegacy(lowers []string, upper, work, target string) error {
+func mountOverlayLegacy(lowers []string, upper, work, target string, flags uintptr) error {
 	var b strings.Builder
 	b.WriteString("lowerdir=" + strings.Join(lowers, ":"))
 	b.WriteString(",upperdir=" + upper + ",workdir=" + work)
@@ -109,7 +113,7 @@ func mountOverlayLegacy(lowers []string, upper, work, target string) error {
 	if b.Len() >= os.Getpagesize() {
 		return fmt.Errorf("mounting overlay at %s: %d layers do not fit in the mount options of a kernel without lowerdir+ (compact the cache)", target, len(lowers))
 	}
-	if err := unix.Mount("overlay", target, "overlay", unix.MS_NOSUID|unix.MS_NODEV, b.String()); err != nil {
+	if err := unix.Mount("overlay", target, "overlay", flags, b.String()); err != nil {
 		return fmt.Errorf("mounting overlay at %s: %w", target, err)
 	}
 	return nil

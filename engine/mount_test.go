@@ -5,6 +5,8 @@ import (
 	"path/filepath"
 	"slices"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // Kernels before 6.8 have no "lowerdir+": the engine then mounts through
@@ -21,7 +23,7 @@ func TestLegacyMountFallback(t *testing.T) {
 	lowers := []string{s.layerPath(testKey, v.Layers[1]), s.layerPath(testKey, v.Layers[0])}
 	target := filepath.Join(dir, "legacy")
 	must(t, os.MkdirAll(target, 0o755))
-	must(t, mountOverlayLegacy(lowers, s.upperDir("legacy"), s.workDir("legacy"), target))
+	must(t, mountOverlayLegacy(lowers, s.upperDir("legacy"), s.workDir("legacy"), target, unix.MS_NOSUID|unix.MS_NODEV))
 	assertTree(t, "legacy mount", readTree(t, target), tree{"a": "1", "b": "2"})
 
 	mounts, err := readMountInfo()
@@ -50,7 +52,7 @@ func TestLegacyMountFallback(t *testing.T) {
 	for i := range many {
 		many[i] = filepath.Join(s.root, "caches", "ns", "project", "layers", "0123456789abcdef01234567")
 	}
-	if err := mountOverlayLegacy(many, s.upperDir("legacy"), s.workDir("legacy"), target); err == nil {
+	if err := mountOverlayLegacy(many, s.upperDir("legacy"), s.workDir("legacy"), target, unix.MS_NOSUID|unix.MS_NODEV); err == nil {
 		t.Error("200 layers fit in one page of mount options?")
 	}
 }

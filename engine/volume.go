@@ -39,6 +39,8 @@ type Volume struct {
 	// NoCommit, if set, says why the volume's writes must never be
 	// committed (for example: it outgrew its size).
 	NoCommit string `json:"noCommit,omitempty"`
+	// Setuid volumes are mounted without nosuid (still nodev).
+	Setuid bool `json:"setuid,omitempty"`
 }
 
 // VolumeOptions parameterise CreateVolume.
@@ -51,6 +53,9 @@ type VolumeOptions struct {
 	// volume starts from the head of the first of them that has one.
 	// Reading them never writes them: a commit goes to the volume's cache.
 	From []Key
+	// Setuid mounts the volume without nosuid: setuid binaries in its
+	// layers run with their owner's rights.
+	Setuid bool
 }
 
 // LayersOf is the cache whose layers the volume's snapshot lists: From
@@ -132,7 +137,7 @@ func (s *Store) createVolume(id string, k Key, from *Key, opts VolumeOptions) (*
 	}
 	v := &Volume{
 		ID: id, Cache: k, Generation: g.Number, Layers: g.Layers, From: from,
-		Writable: opts.Writable, Created: time.Now().UTC(), Labels: opts.Labels,
+		Writable: opts.Writable, Setuid: opts.Setuid, Created: time.Now().UTC(), Labels: opts.Labels,
 	}
 	if v.Layers == nil {
 		v.Layers = []string{}
@@ -320,7 +325,7 @@ func (s *Store) Mount(id, target string) error {
 	if len(lowers) == 0 {
 		lowers = append(lowers, filepath.Join(s.root, dirEmpty))
 	}
-	return mountOverlay(lowers, s.upperDir(id), s.workDir(id), target)
+	return mountOverlay(lowers, s.upperDir(id), s.workDir(id), target, v.Setuid)
 }
 
 // Unmount unmounts volume id from everywhere it is mounted.

@@ -145,7 +145,7 @@ func (d *Driver) publishCacheVolume(ctx context.Context, id, target string, vc v
 	if _, err := d.Store.Volume(id); errors.Is(err, engine.ErrNotFound) {
 		d.beforeVolume(ctx, key, from)
 	}
-	v, err := d.Store.CreateVolume(id, key, engine.VolumeOptions{Writable: vc.Write, From: from, Labels: map[string]string{
+	v, err := d.Store.CreateVolume(id, key, engine.VolumeOptions{Writable: vc.Write, Setuid: vc.Setuid, From: from, Labels: map[string]string{
 		LabelPod: podInfo[podNamespaceKey] + "/" + podInfo[podNameKey], v1alpha1.AttrPodUID: pod,
 	}})
 	if errors.Is(err, engine.ErrConflict) {

@@ -98,7 +98,7 @@ func (m *PodMutator) Handle(ctx context.Context, req admission.Request) admissio
 	if err != nil {
 		return admission.Denied("layercache: " + err.Error())
 	}
-	if err := m.checkHostAccess(ctx, pod); err != nil {
+	if err := m.checkNamespace(ctx, pod); err != nil {
 		return admission.Denied("layercache: " + err.Error())
 	}
 	caches := make([]*v1alpha1.Cache, len(p.requests))
@@ -133,20 +133,20 @@ func (m *PodMutator) Handle(ctx context.Context, req admission.Request) admissio
 
 // +kubebuilder:rbac:groups="",resources=namespaces,verbs=get
 
-// checkHostAccess refuses a privileged or host-namespace pod a cache,
-// unless its namespace opts in (v1alpha1.LabelPrivileged).
-func (m *PodMutator) checkHostAccess(ctx context.Context, pod *corev1.Pod) error {
-	access := v1alpha1.HostAccess(pod)
-	if access == "" {
+// checkNamespace refuses a privileged or host-namespace pod a cache, and
+// setuid to a pod that asks for it, unless its namespace opts in
+// (v1alpha1.LabelPrivileged, v1alpha1.LabelSetuid).
+func (m *PodMutator) checkNamespace(ctx context.Context, pod *corev1.Pod) error {
+	if !v1alpha1.NamespaceMustAllow(pod) {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, lookupTimeout)
 	defer cancel()
 	ns := &corev1.Namespace{}
 	if err := m.APIReader.Get(ctx, client.ObjectKey{Name: pod.Namespace}, ns); err != nil {
-		return fmt.Errorf("%s, and namespace %s could not be read to see whether it allows that: %w", access, pod.Namespace, err)
+		return fmt.Errorf("namespace %s could not be read to see whether it allows what the pod asks for: %w", pod.Namespace, err)
 	}
-	return v1alpha1.CheckHostAccess(pod, ns)
+	return v1alpha1.CheckNamespace(pod, ns)
 }
 
 // lookup returns the Cache, or nil if there is none or it cannot be read in

@@ -27,7 +27,7 @@ func apply(pod *corev1.Pod, p *plan, caches []*v1alpha1.Cache, opts Options, suf
 		claim := v1alpha1.Claim{
 			Cache: r.cache, ClaimName: claimName(pod, r.cache, suffix()), Volume: r.volume,
 			Trust: p.trust, Size: p.size.String(), StorageClass: opts.StorageClass, MountPath: r.mountPath,
-			MaxInodes: p.maxInodes,
+			MaxInodes: p.maxInodes, Setuid: p.setuid,
 		}
 		if i == 0 { // the pod's own cache
 			claim.RestoreFrom = p.restoreFrom

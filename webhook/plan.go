@@ -47,7 +47,9 @@ type plan struct {
 	restoreFrom []string
 	// maxInodes is AnnotationMaxInodes (zero: not set).
 	maxInodes int64
-	warnings  []string
+	// setuid is AnnotationSetuid.
+	setuid   bool
+	warnings []string
 }
 
 // fieldError names the label or annotation at fault and the rule it breaks.
@@ -133,9 +135,12 @@ func (p *plan) readSettings(pod *corev1.Pod, name string, opts Options) error {
 		}
 		p.maxInodes = n
 	}
-	if v, ok := ann[v1alpha1.AnnotationCommitOnFailure]; ok && v != "true" && v != "false" {
-		return annotationError(v1alpha1.AnnotationCommitOnFailure, v, `must be "true" or "false"`)
+	for _, key := range []string{v1alpha1.AnnotationCommitOnFailure, v1alpha1.AnnotationSetuid} {
+		if v, ok := ann[key]; ok && v != "true" && v != "false" {
+			return annotationError(key, v, `must be "true" or "false"`)
+		}
 	}
+	p.setuid = ann[v1alpha1.AnnotationSetuid] == "true"
 	if list, ok := ann[v1alpha1.AnnotationRestoreFrom]; ok {
 		from, err := parseRestoreFrom(list, name)
 		if err != nil {

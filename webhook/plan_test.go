@@ -54,6 +54,7 @@ func TestMakePlanRejects(t *testing.T) {
 		{"bad inode bound", cacheLabel("x"), map[string]string{v1alpha1.AnnotationMaxInodes: "many"}, nil, `annotation layercache.io/max-inodes="many": must be a positive integer`},
 		{"missing volume", cacheLabel("x"), map[string]string{v1alpha1.AnnotationVolume: "workspace"}, nil, `annotation layercache.io/volume="workspace": names no volume of the pod`},
 		{"bad commit-on-failure", cacheLabel("x"), map[string]string{v1alpha1.AnnotationCommitOnFailure: "yes"}, nil, `must be "true" or "false"`},
+		{"bad setuid", cacheLabel("x"), map[string]string{v1alpha1.AnnotationSetuid: "on"}, nil, `annotation layercache.io/setuid="on": must be "true" or "false"`},
 		{"mount path clash", cacheLabel("x"), nil, func(p *corev1.Pod) {
 			p.Spec.Containers[1].VolumeMounts = []corev1.VolumeMount{{Name: "scratch", MountPath: "/cache/"}}
 		}, `where container "sidecar" already mounts volume "scratch"`},

@@ -241,6 +241,29 @@ func TestWebhookThroughTheAPIServer(t *testing.T) {
 		}
 	})
 
+	t.Run("setuid only where the namespace allows it", func(t *testing.T) {
+		setuid := func(name string) *corev1.Pod {
+			return pod(name, map[string]string{v1alpha1.LabelCache: "tools"}, map[string]string{v1alpha1.AnnotationSetuid: "true"})
+		}
+		_, err := cs.CoreV1().Pods(ns).Create(ctx, setuid("suid"), metav1.CreateOptions{})
+		if err == nil || !strings.Contains(err.Error(), "annotation layercache.io/setuid=true: a setuid binary") ||
+			!strings.Contains(err.Error(), "layercache.io/setuid=allow") {
+			t.Fatalf("a setuid pod in a namespace that does not allow it: %v", err)
+		}
+		allowing := newNamespace(t, ctx, c)
+		nsObj := &corev1.Namespace{}
+		if err := c.Get(ctx, client.ObjectKey{Name: allowing}, nsObj); err != nil {
+			t.Fatal(err)
+		}
+		nsObj.Labels[v1alpha1.LabelSetuid] = v1alpha1.SetuidAllow
+		if err := c.Update(ctx, nsObj); err != nil {
+			t.Fatal(err)
+		}
+		if claims := claimsOf(t, create(t, ctx, cs, allowing, setuid("suid"))); len(claims) != 1 || !claims[0].Setuid {
+			t.Errorf("a setuid pod where the namespace allows it: claims %+v", claims)
+		}
+	})
+
 	t.Run("kube-system is excluded", func(t *testing.T) {
 		got := create(t, ctx, cs, "kube-system", pod("sys", map[string]string{v1alpha1.LabelCache: "x"}, nil))
 		defer cs.CoreV1().Pods("kube-system").Delete(ctx, got.Name, metav1.DeleteOptions{})

@@ -70,6 +70,8 @@ type VolumeContext struct {
 	// MaxInodes bounds the files and directories of the volume's writes
 	// (AnnotationMaxInodes); zero: the node's bound alone.
 	MaxInodes int64
+	// Setuid: the volume is mounted without nosuid (AnnotationSetuid).
+	Setuid bool
 }
 
 // Attributes encodes the volume context as PV volume attributes.
@@ -90,15 +92,21 @@ func (v VolumeContext) Attributes() map[string]string {
 	if v.MaxInodes > 0 {
 		attrs[AttrMaxInodes] = strconv.FormatInt(v.MaxInodes, 10)
 	}
+	if v.Setuid {
+		attrs[AttrSetuid] = "true"
+	}
 	return attrs
 }
 
 // ParseVolumeContext decodes and checks PV volume attributes (a missing
 // kind is a cache, as PVs made before the kind existed are). Only "true"
-// allows a commit.
+// allows a commit, and only "true" lets setuid binaries run.
 func ParseVolumeContext(attrs map[string]string) (VolumeContext, error) {
 	v := VolumeContext{Kind: attrs[AttrKind], Namespace: attrs[AttrNamespace], Cache: attrs[AttrCache],
 		Write: attrs[AttrWrite] == "true", PodUID: attrs[AttrPodUID], Node: attrs[AttrNode]}
+	if v.Kind != KindHostDir {
+		v.Setuid = attrs[AttrSetuid] == "true"
+	}
 	switch v.Kind {
 	case KindHostDir:
 		return v, nil
@@ -158,6 +166,8 @@ func (c Claim) Validate(pod *corev1.Pod) error {
 		return fmt.Errorf("cache %q is neither the pod's label %s nor in its annotation %s", c.Cache, LabelCache, AnnotationCaches)
 	case c.Trust != trust:
 		return fmt.Errorf("trust %q, but the pod's label %s asks for %q", c.Trust, LabelTrust, trust)
+	case c.Setuid != PodAsksForSetuid(pod):
+		return fmt.Errorf("setuid %v, but the pod's annotation %s is %q", c.Setuid, AnnotationSetuid, pod.Annotations[AnnotationSetuid])
 	case !slices.ContainsFunc(pod.Spec.Volumes, func(v corev1.Volume) bool {
 		return v.Name == c.Volume && v.PersistentVolumeClaim != nil && v.PersistentVolumeClaim.ClaimName == c.ClaimName
 	}):
@@ -197,15 +207,38 @@ const (
 	PrivilegedAllow = "allow"
 )
 
-// CheckHostAccess refuses a privileged or host-namespace pod a cache
-// unless its namespace (ns) has LabelPrivileged=PrivilegedAllow.
-func CheckHostAccess(pod *corev1.Pod, ns *corev1.Namespace) error {
-	access := HostAccess(pod)
-	if access == "" || ns.Labels[LabelPrivileged] == PrivilegedAllow {
-		return nil
+// LabelSetuid on a Namespace, set to SetuidAllow, lets its pods ask for
+// AnnotationSetuid. A setuid binary that one build of the namespace
+// commits then runs with its owner's rights in the next builds that read
+// the cache (within their containers).
+const (
+	LabelSetuid = "layercache.io/setuid"
+	SetuidAllow = "allow"
+)
+
+// PodAsksForSetuid: the pod's AnnotationSetuid is "true".
+func PodAsksForSetuid(pod *corev1.Pod) bool { return pod.Annotations[AnnotationSetuid] == "true" }
+
+// NamespaceMustAllow says whether pod asks for something that its
+// namespace's labels must allow (CheckNamespace): host access or setuid.
+func NamespaceMustAllow(pod *corev1.Pod) bool {
+	return HostAccess(pod) != "" || PodAsksForSetuid(pod)
+}
+
+// CheckNamespace refuses pod a cache if it is privileged or in a host
+// namespace and its namespace (ns) does not have
+// LabelPrivileged=PrivilegedAllow, or if it asks for setuid and ns does
+// not have LabelSetuid=SetuidAllow.
+func CheckNamespace(pod *corev1.Pod, ns *corev1.Namespace) error {
+	if access := HostAccess(pod); access != "" && ns.Labels[LabelPrivileged] != PrivilegedAllow {
+		return fmt.Errorf("%s: such a pod owns its node and could rewrite the caches there; label namespace %s %s=%s to let its pods use caches anyway",
+			access, pod.Namespace, LabelPrivileged, PrivilegedAllow)
 	}
-	return fmt.Errorf("%s: such a pod owns its node and could rewrite the caches there; label namespace %s %s=%s to let its pods use caches anyway",
-		access, pod.Namespace, LabelPrivileged, PrivilegedAllow)
+	if PodAsksForSetuid(pod) && ns.Labels[LabelSetuid] != SetuidAllow {
+		return fmt.Errorf("annotation %s=true: a setuid binary that one build commits would run with its owner's rights in the next builds; label namespace %s %s=%s to allow it",
+			AnnotationSetuid, pod.Namespace, LabelSetuid, SetuidAllow)
+	}
+	return nil
 }
 
 // HostAccess says how a pod reaches past its containers into the node (a

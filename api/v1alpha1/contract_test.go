@@ -39,13 +39,13 @@ func TestParseRestoreFrom(t *testing.T) {
 // it could not have written is refused.
 func TestVolumeContextRoundTrip(t *testing.T) {
 	for _, vc := range []VolumeContext{
-		{Kind: KindCache, Namespace: "ci", Cache: "go", Write: true, PodUID: "uid-1", RestoreFrom: []string{"main"}, MaxInodes: 5000},
+		{Kind: KindCache, Namespace: "ci", Cache: "go", Write: true, PodUID: "uid-1", RestoreFrom: []string{"main"}, MaxInodes: 5000, Setuid: true},
 		{Kind: KindCache, Namespace: "ci", Cache: "go"},
 		{Kind: KindHostDir, Namespace: "ci"},
 	} {
 		got, err := ParseVolumeContext(vc.Attributes())
 		if err != nil || got.Kind != vc.Kind || got.Cache != vc.Cache || got.Write != vc.Write || got.PodUID != vc.PodUID ||
-			strings.Join(got.RestoreFrom, ",") != strings.Join(vc.RestoreFrom, ",") || got.MaxInodes != vc.MaxInodes {
+			strings.Join(got.RestoreFrom, ",") != strings.Join(vc.RestoreFrom, ",") || got.MaxInodes != vc.MaxInodes || got.Setuid != vc.Setuid {
 			t.Errorf("round trip of %+v: %+v, %v", vc, got, err)
 		}
 	}
@@ -65,6 +65,12 @@ func TestVolumeContextRoundTrip(t *testing.T) {
 	}
 	if vc, err := ParseVolumeContext(map[string]string{AttrNamespace: "ci", AttrCache: "go", AttrWrite: "yes"}); err != nil || vc.Write {
 		t.Errorf("only \"true\" allows a commit: %+v, %v", vc, err)
+	}
+	if vc, err := ParseVolumeContext(map[string]string{AttrNamespace: "ci", AttrCache: "go", AttrSetuid: "1"}); err != nil || vc.Setuid {
+		t.Errorf("only \"true\" lets setuid binaries run: %+v, %v", vc, err)
+	}
+	if vc, err := ParseVolumeContext(map[string]string{AttrKind: KindHostDir, AttrNamespace: "ci", AttrSetuid: "true"}); err != nil || vc.Setuid {
+		t.Errorf("a host directory is never setuid: %+v, %v", vc, err)
 	}
 }
 
@@ -89,6 +95,7 @@ func TestClaimValidate(t *testing.T) {
 		{"less trust than the label", func(c *Claim) { c.Trust = "read" }, `trust "read", but the pod's label`},
 		{"a claim no volume references", func(c *Claim) { c.ClaimName = "other" }, `no volume "cache" that references it`},
 		{"its own cache as a fallback", func(c *Claim) { c.RestoreFrom = []string{"go"} }, "restoreFrom: names the claim's own cache"},
+		{"setuid the pod does not ask for", func(c *Claim) { c.Setuid = true }, `setuid true, but the pod's annotation layercache.io/setuid is ""`},
 	} {
 		c := ok
 		tt.change(&c)

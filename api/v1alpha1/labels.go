@@ -28,6 +28,10 @@ const (
 	// AnnotationCaches lists more caches for the same pod:
 	// "NAME=/mount/path,NAME=/other/path".
 	AnnotationCaches = "layercache.io/caches"
+	// AnnotationSetuid, "true", mounts the pod's cache volumes without
+	// nosuid, so that setuid binaries in them work; only in a namespace
+	// labelled LabelSetuid=SetuidAllow.
+	AnnotationSetuid = "layercache.io/setuid"
 	// AnnotationCommitOnFailure, "true", commits a failed pod's writes too.
 	AnnotationCommitOnFailure = "layercache.io/commit-on-failure"
 	// AnnotationRestoreFrom lists fallback caches of the same namespace,
@@ -88,6 +92,8 @@ type Claim struct {
 	RestoreFrom []string `json:"restoreFrom,omitempty"`
 	// MaxInodes is AnnotationMaxInodes; zero: the node's bound.
 	MaxInodes int64 `json:"maxInodes,omitempty"`
+	// Setuid is AnnotationSetuid: the volume is mounted without nosuid.
+	Setuid bool `json:"setuid,omitempty"`
 }
 
 // Names shared by the manager (which provisions) and the node agent (which
@@ -118,6 +124,8 @@ const (
 	AttrRestoreFrom = "layercache.io/restore-from"
 	// AttrMaxInodes is the claim's MaxInodes (AnnotationMaxInodes).
 	AttrMaxInodes = "layercache.io/max-inodes"
+	// AttrSetuid, "true", is the claim's Setuid (AnnotationSetuid).
+	AttrSetuid = "layercache.io/setuid"
 
 	// LabelNode on a PV or a NodeCache is NodeLabelValue of the node that
 	// holds it, so that a node agent watches only its own.

@@ -93,6 +93,7 @@ func commands() map[string]*command {
 		"mount": {args: "NAMESPACE/NAME TARGET", nargs: [2]int{2, 2}, run: (*cli).mount,
 			flags: func(fs *flag.FlagSet) {
 				fs.Bool("write", false, "allow committing this volume")
+				fs.Bool("setuid", false, "mount without nosuid: setuid binaries in the cache run with their owner's rights")
 				fs.String("from", "", "fallback caches, NAMESPACE/NAME separated by commas")
 			}},
 		"umount": {args: "TARGET", nargs: [2]int{1, 1}, run: (*cli).umount,

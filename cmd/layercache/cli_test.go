@@ -47,6 +47,10 @@ func TestCLIStory(t *testing.T) {
 	if r := lc(t, root, "mount", "ci/demo", mnt); r.code != 0 || !strings.Contains(r.stdout, "generation 1") {
 		t.Fatalf("second mount: %+v", r)
 	}
+	var st unix.Statfs_t
+	if err := unix.Statfs(mnt, &st); err != nil || st.Flags&unix.ST_NOSUID == 0 {
+		t.Errorf("a mount without --setuid: flags %#x (%v), want nosuid", st.Flags, err)
+	}
 	if b, err := os.ReadFile(filepath.Join(mnt, "built")); err != nil || string(b) != "artifact" {
 		t.Fatalf("second mount sees %q, %v", b, err)
 	}
@@ -57,6 +61,15 @@ func TestCLIStory(t *testing.T) {
 		t.Fatalf("rm of a cache in use: %+v", r)
 	}
 	if r := lc(t, root, "umount", mnt); r.code != 0 || !strings.Contains(r.stdout, "discarded") {
+		t.Fatalf("umount: %+v", r)
+	}
+	if r := lc(t, root, "mount", "ci/demo", mnt, "--setuid"); r.code != 0 {
+		t.Fatalf("mount --setuid: %+v", r)
+	}
+	if err := unix.Statfs(mnt, &st); err != nil || st.Flags&unix.ST_NOSUID != 0 || st.Flags&unix.ST_NODEV == 0 {
+		t.Errorf("a mount with --setuid: flags %#x (%v), want nodev without nosuid", st.Flags, err)
+	}
+	if r := lc(t, root, "umount", mnt); r.code != 0 {
 		t.Fatalf("umount: %+v", r)
 	}
 

@@ -48,6 +48,7 @@ func (c *cli) mount(args []string) error {
 	id := "cli-" + hex.EncodeToString(b[:])
 	v, err := c.store.CreateVolume(id, k, engine.VolumeOptions{
 		Writable: c.boolFlag("write"),
+		Setuid:   c.boolFlag("setuid"),
 		Labels:   map[string]string{"layercache.io/source": "cli"},
 		From:     from,
 	})
