@@ -10,6 +10,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	policyv1 "k8s.io/api/policy/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -125,5 +126,48 @@ func TestSetuidOnlyWhereTheNamespaceAllows(t *testing.T) {
 	phase, opts = e.run(buildPod("plain", "tools", "read", "", mountOptions, nil))
 	if phase != corev1.PodSucceeded || !strings.Contains(opts, "nosuid") || !strings.Contains(opts, "nodev") {
 		t.Errorf("a pod that does not ask for setuid: %s, its cache mounted %q: want nosuid,nodev", phase, opts)
+	}
+}
+
+// A claim written by hand, of either class, has no build pod for the
+// manager to delete when its volume outgrows its size: the node agent
+// makes the volume read-only instead, so that its pods' writes stop
+// within a measuring interval (on main, they went on until the disk was
+// full).
+func TestHandWrittenClaimsOverTheirSizeStopWriting(t *testing.T) {
+	e := newEnv(t)
+	// Fill past the size, then write once a second until refused.
+	script := `dd if=/dev/zero of=/data/huge bs=1M count=20 2>/dev/null
+for i in $(seq 60); do
+  if ! (echo $i > /data/more-$i) 2>/dev/null; then echo "refused after $i s"; exit 0; fi
+  sleep 1
+done
+echo still writable after 60 s`
+	var pods []string
+	for _, class := range []string{"layercache-hostdir", "layercache"} {
+		pvc := &corev1.PersistentVolumeClaim{
+			ObjectMeta: metav1.ObjectMeta{Name: class, Namespace: e.ns},
+			Spec: corev1.PersistentVolumeClaimSpec{StorageClassName: &class,
+				AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+				Resources:   corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("10Mi")}}},
+		}
+		if class == "layercache" {
+			pvc.Labels = map[string]string{v1alpha1.LabelCache: "by-hand"}
+		}
+		e.create(pvc)
+		p := buildPod("writer-"+class, "", "", "", script, nil)
+		p.Namespace = e.ns
+		p.Spec.Volumes = []corev1.Volume{{Name: "d", VolumeSource: corev1.VolumeSource{
+			PersistentVolumeClaim: &corev1.PersistentVolumeClaimVolumeSource{ClaimName: class}}}}
+		p.Spec.Containers[0].VolumeMounts = []corev1.VolumeMount{{Name: "d", MountPath: "/data"}}
+		e.create(p)
+		pods = append(pods, p.Name)
+	}
+	for _, name := range pods {
+		if phase, out := e.wait(name); phase != corev1.PodSucceeded || !strings.HasPrefix(out, "refused after") {
+			t.Errorf("%s: %s, %q: want its writes refused", name, phase, out)
+		} else {
+			t.Logf("%s: %s", name, out)
+		}
 	}
 }

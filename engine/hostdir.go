@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"golang.org/x/sys/unix"
@@ -13,11 +14,18 @@ import (
 
 // Host directories are plain node-local directories, without a cache:
 // fast local scratch space from the same driver. They live in
-// ROOT/hostdirs/ID and are bind-mounted at their targets.
+// ROOT/hostdirs/ID, the upper dir of an overlay with an empty lower (its
+// work dir in ROOT/hostdirs-work/ID): a file system of its own, which
+// StopHostDirWrites can make read-only for all its pods at once. A second
+// target of the same directory is a bind mount of the first.
 
-const dirHostDirs = "hostdirs"
+const (
+	dirHostDirs    = "hostdirs"
+	dirHostDirWork = "hostdirs-work"
+)
 
 func (s *Store) hostDirPath(id string) string { return filepath.Join(s.root, dirHostDirs, id) }
+func (s *Store) hostDirWork(id string) string { return filepath.Join(s.root, dirHostDirWork, id) }
 
 // CreateHostDir creates host directory id (idempotent).
 func (s *Store) CreateHostDir(id string) error {
@@ -34,7 +42,9 @@ func (s *Store) CreateHostDir(id string) error {
 	return os.Chmod(s.hostDirPath(id), 0o777)
 }
 
-// MountHostDir bind-mounts host directory id at target (idempotent).
+// MountHostDir mounts host directory id at target, nosuid and nodev
+// (idempotent): an overlay over it, or a bind mount of the overlay where
+// it is mounted already.
 func (s *Store) MountHostDir(id, target string) error {
 	if err := ValidateVolumeID(id); err != nil {
 		return err
@@ -45,16 +55,22 @@ func (s *Store) MountHostDir(id, target string) error {
 	if err := os.MkdirAll(target, 0o750); err != nil {
 		return err
 	}
+	s.hostDirMu.Lock()
+	defer s.hostDirMu.Unlock()
 	points, err := s.HostDirMountPoints(id)
 	if err != nil {
 		return err
 	}
-	for _, p := range points {
-		if p == target {
-			return nil
-		}
+	if slices.Contains(points, target) {
+		return nil
 	}
-	if err := unix.Mount(s.hostDirPath(id), target, "", unix.MS_BIND, ""); err != nil {
+	if len(points) == 0 {
+		if err := os.MkdirAll(s.hostDirWork(id), 0o700); err != nil {
+			return fmt.Errorf("creating the work dir of host directory %s: %w", id, err)
+		}
+		return mountOverlay([]string{filepath.Join(s.root, dirEmpty)}, s.hostDirPath(id), s.hostDirWork(id), target, false)
+	}
+	if err := unix.Mount(points[0], target, "", unix.MS_BIND, ""); err != nil {
 		return fmt.Errorf("bind-mounting host directory %s at %s: %w", id, target, err)
 	}
 	// A bind mount takes nosuid and nodev only from a remount.
@@ -65,7 +81,9 @@ func (s *Store) MountHostDir(id, target string) error {
 	return nil
 }
 
-// HostDirMountPoints returns where host directory id is bind-mounted.
+// HostDirMountPoints returns where host directory id is mounted: its
+// overlay and the bind mounts of it, and the plain bind mounts that agents
+// before the overlay made.
 func (s *Store) HostDirMountPoints(id string) ([]string, error) {
 	mounts, err := readMountInfo()
 	if err != nil {
@@ -74,14 +92,45 @@ func (s *Store) HostDirMountPoints(id string) ([]string, error) {
 	suffix := "/" + dirHostDirs + "/" + id
 	var out []string
 	for _, m := range mounts {
-		// A bind mount's root is the source path within its filesystem:
-		// it ends with the store-relative path whatever the mount point of
-		// the filesystem holding the store.
-		if strings.HasSuffix(m.Root, suffix) && strings.HasSuffix(s.hostDirPath(id), m.Root) {
+		// A plain bind mount's root is the source path within its
+		// filesystem: it ends with the store-relative path whatever the
+		// mount point of the filesystem holding the store.
+		legacy := m.FSType != "overlay" && strings.HasSuffix(m.Root, suffix) && strings.HasSuffix(s.hostDirPath(id), m.Root)
+		if legacy || (m.FSType == "overlay" && m.Upper == s.hostDirPath(id)) {
 			out = append(out, m.MountPoint)
 		}
 	}
 	return out, nil
+}
+
+// StopHostDirWrites makes host directory id read-only wherever it is
+// mounted (one over its bound): its pods' writes fail with EROFS from then
+// on. A plain bind mount made by an agent before the overlay shares the
+// node's file system, which it leaves alone: it says so.
+func (s *Store) StopHostDirWrites(id string) error {
+	if err := ValidateVolumeID(id); err != nil {
+		return err
+	}
+	mounts, err := readMountInfo()
+	if err != nil {
+		return err
+	}
+	points, err := s.HostDirMountPoints(id)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, m := range mounts {
+		if !slices.Contains(points, m.MountPoint) {
+			continue
+		}
+		if m.FSType != "overlay" {
+			errs = append(errs, fmt.Errorf("host directory %s at %s is a bind mount of the node's file system (mounted before this agent version): its writes cannot be stopped", id, m.MountPoint))
+			continue
+		}
+		errs = append(errs, makeReadOnly(m.MountPoint))
+	}
+	return errors.Join(errs...)
 }
 
 // RemoveHostDir deletes host directory id and its content. It must not be
@@ -96,6 +145,9 @@ func (s *Store) RemoveHostDir(id string) error {
 	}
 	if len(points) > 0 {
 		return fmt.Errorf("host directory %s is mounted at %s: %w", id, points[0], ErrMounted)
+	}
+	if err := s.trash(s.hostDirWork(id)); err != nil {
+		return err
 	}
 	return s.trash(s.hostDirPath(id))
 }

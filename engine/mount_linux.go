@@ -85,6 +85,24 @@ func mountOverlayFsconfig(lowers []string, upper, work, target string, attrs uin
 	return nil
 }
 
+// makeReadOnly makes the file system mounted at target read-only: its
+// superblock, so that every bind mount of it (the kubelet's, each
+// container's) refuses writes, not only this mount point.
+func makeReadOnly(target string) error {
+	fd, err := unix.Fspick(unix.AT_FDCWD, target, unix.FSPICK_CLOEXEC|unix.FSPICK_NO_AUTOMOUNT|unix.FSPICK_SYMLINK_NOFOLLOW)
+	if err != nil {
+		return fmt.Errorf("picking the file system at %s: %w", target, err)
+	}
+	defer unix.Close(fd)
+	if err := unix.FsconfigSetFlag(fd, "ro"); err != nil {
+		return fmt.Errorf("making %s read-only: %w%s", target, err, fsContextLog(fd))
+	}
+	if err := unix.FsconfigReconfigure(fd); err != nil {
+		return fmt.Errorf("making %s read-only: %w%s", target, err, fsContextLog(fd))
+	}
+	return nil
+}
+
 // fsContextLog reads the messages the kernel left on an fs context (they
 // say which option it refused and why).
 func fsContextLog(fd int) string {

@@ -9,6 +9,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -63,6 +64,9 @@ type Options struct {
 type Store struct {
 	root string
 	opts Options
+	// hostDirMu serialises the mounts of host directories: one overlay
+	// per directory.
+	hostDirMu sync.Mutex
 }
 
 // Generation is one immutable state of a cache: an ordered list of layers.

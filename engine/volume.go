@@ -328,6 +328,21 @@ func (s *Store) Mount(id, target string) error {
 	return mountOverlay(lowers, s.upperDir(id), s.workDir(id), target, v.Setuid)
 }
 
+// StopWrites makes volume id read-only wherever it is mounted (for a
+// volume over its bound whose pod cannot be stopped): its pods' writes
+// fail with EROFS from then on. It does nothing to a volume not mounted.
+func (s *Store) StopWrites(id string) error {
+	points, err := s.MountPoints(id)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, p := range points {
+		errs = append(errs, makeReadOnly(p))
+	}
+	return errors.Join(errs...)
+}
+
 // Unmount unmounts volume id from everywhere it is mounted.
 func (s *Store) Unmount(id string) error {
 	points, err := s.MountPoints(id)

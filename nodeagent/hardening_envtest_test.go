@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -111,6 +112,13 @@ func TestSizesAreEnforced(t *testing.T) {
 		if got := overLimit(modest); got != "" {
 			t.Errorf("the neighbour's PV says %q, want nothing", got)
 		}
+		// Its writes are refused from now on; the neighbour's are not.
+		if err := os.WriteFile(filepath.Join(greedyTarget, "more"), []byte("x"), 0o644); !errors.Is(err, unix.EROFS) {
+			t.Errorf("writing to the volume over its size: %v, want EROFS", err)
+		}
+		if err := os.WriteFile(filepath.Join(modestTarget, "more"), []byte("x"), 0o644); err != nil {
+			t.Errorf("writing to the neighbour: %v", err)
+		}
 		// A second check writes nothing more.
 		if err := limiter.Check(s.ctx); err != nil {
 			t.Fatal(err)
@@ -151,6 +159,9 @@ func TestSizesAreEnforced(t *testing.T) {
 		}
 		if why := got.Annotations[v1alpha1.AnnotationOverLimit]; !strings.Contains(why, "volume pvc-hd1 holds ") || !strings.Contains(why, "more than its size 1Mi") {
 			t.Errorf("the host directory's PV says %q, want it over its size", why)
+		}
+		if err := os.WriteFile(filepath.Join(target, "more"), []byte("x"), 0o644); !errors.Is(err, unix.EROFS) {
+			t.Errorf("writing to the host directory over its size: %v, want EROFS", err)
 		}
 		s.unpublish(pv, target)
 		s.release(pv, "Succeeded", false)

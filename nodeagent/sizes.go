@@ -30,8 +30,9 @@ const DefaultMaxVolumeInodes = 1_000_000
 // it measures each volume's own writes (its upper layer, never the cache
 // below it) periodically, and when a volume holds more than its PV's
 // capacity (or more inodes than MaxInodes), it marks the volume so that
-// its writes are never committed and says so on the PV
-// (AnnotationOverLimit): the manager then deletes the pod. The store's filesystem has no project quotas here, so
+// its writes are never committed, makes it read-only (its pods' writes
+// fail with EROFS) and says so on the PV (AnnotationOverLimit): the
+// manager then deletes the pod, if the claim is a build pod's. The store's filesystem has no project quotas here, so
 // measuring is the only bound: a build can overshoot by what it writes in
 // one interval.
 type SizeLimiter struct {
@@ -90,14 +91,20 @@ func (l *SizeLimiter) Check(ctx context.Context) error {
 	var errs []error
 	for _, v := range vols {
 		live[v.ID] = true
-		if l.evicted[v.ID] || v.CommitLayer != "" {
-			continue
+		switch {
+		case v.CommitLayer != "":
+		case l.evicted[v.ID]:
+			// Mounted again meanwhile, it is read-only again.
+			errs = append(errs, l.Store.StopWrites(v.ID))
+		default:
+			errs = append(errs, l.check(ctx, v.ID, v, func() (int64, int64, error) { return l.Store.VolumeUsage(v.ID) }))
 		}
-		errs = append(errs, l.check(ctx, v.ID, v, func() (int64, int64, error) { return l.Store.VolumeUsage(v.ID) }))
 	}
 	for _, id := range dirs {
 		live[id] = true
-		if !l.evicted[id] {
+		if l.evicted[id] {
+			errs = append(errs, l.Store.StopHostDirWrites(id))
+		} else {
 			errs = append(errs, l.check(ctx, id, nil, func() (int64, int64, error) { return l.Store.HostDirUsage(id) }))
 		}
 	}
@@ -125,14 +132,21 @@ func (l *SizeLimiter) check(ctx context.Context, id string, v *engine.Volume, us
 }
 
 // exceeded marks cache volume v (nil for a host directory) so that its
-// writes are never committed, and tells the manager on its PV, which
-// deletes the pod (the agent's rights reach no pod); the manager checks
-// first that the pod runs on this node.
+// writes are never committed, makes it read-only, and tells the manager on
+// its PV, which deletes the pod (the agent's rights reach no pod); the
+// manager checks first that the pod runs on this node. A claim written by
+// hand has no pod for the manager to delete: read-only is what stops it.
 func (l *SizeLimiter) exceeded(ctx context.Context, id string, v *engine.Volume, pv *corev1.PersistentVolume, what string) error {
+	stop := l.Store.StopHostDirWrites
 	if v != nil {
 		if err := l.Store.ForbidCommit(id, what); err != nil && !errors.Is(err, engine.ErrNotFound) {
 			return fmt.Errorf("forbidding the commit of volume %s: %w", id, err)
 		}
+		stop = l.Store.StopWrites
+	}
+	var stopErr error
+	if err := stop(id); err != nil {
+		stopErr = fmt.Errorf("making volume %s read-only: %w", id, err)
 	}
 	if _, done := pv.Annotations[v1alpha1.AnnotationOverLimit]; !done {
 		patch := client.MergeFrom(pv.DeepCopy())
@@ -142,9 +156,9 @@ func (l *SizeLimiter) exceeded(ctx context.Context, id string, v *engine.Volume,
 		}
 		volumeSizeExceeded.Inc()
 	}
-	logf.FromContext(ctx).Info("Volume over its bound: its writes will not be committed, and its pod is stopped", "volume", id, "why", what)
+	logf.FromContext(ctx).Info("Volume over its bound: it is read-only, its writes will not be committed, and its pod is stopped", "volume", id, "why", what)
 	l.evicted[id] = true
-	return nil
+	return stopErr
 }
 
 // overBound measures volume id (usage: its writes) against its PV's
