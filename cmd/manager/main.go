@@ -208,14 +208,16 @@ func setupWebhooks(mgr ctrl.Manager, cfg config, opts webhook.Options) (healthz.
 		DNSName:        fmt.Sprintf("%s.%s.svc", cfg.webhookService, cfg.namespace),
 		ExtraDNSNames:  []string{fmt.Sprintf("%s.%s.svc.cluster.local", cfg.webhookService, cfg.namespace)},
 		IsReady:        ready,
-		Webhooks:       []rotator.WebhookInfo{{Name: cfg.webhookConfiguration, Type: rotator.Mutating}},
+		// No Webhooks: the rotator would set the bundle to the new CA
+		// alone; certProjector keeps the one before it too.
 		// Every replica serves the webhook and needs the certificate.
 		RequireLeaderElection: false,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("setting up certificate rotation: %w", err)
 	}
-	projector := &certProjector{reader: mgr.GetAPIReader(), dir: cfg.webhookCertDir, every: time.Minute,
+	projector := &certProjector{reader: mgr.GetAPIReader(), writer: mgr.GetClient(), dir: cfg.webhookCertDir,
+		every: 30 * time.Second, settle: 5 * time.Second, webhook: cfg.webhookConfiguration,
 		secret: types.NamespacedName{Namespace: cfg.namespace, Name: cfg.webhookSecret}}
 	if err := mgr.Add(projector); err != nil {
 		return nil, err
