@@ -332,14 +332,7 @@ func TestPrivilegedPodsGetNoClaim(t *testing.T) {
 		t.Errorf("a privileged pod got its claim: %v", err)
 	}
 	allowing := s.namespace()
-	nsObj := &corev1.Namespace{}
-	if err := s.c.Get(s.ctx, client.ObjectKey{Name: allowing}, nsObj); err != nil {
-		t.Fatal(err)
-	}
-	metav1.SetMetaDataLabel(&nsObj.ObjectMeta, v1alpha1.LabelPrivileged, v1alpha1.PrivilegedAllow)
-	if err := s.c.Update(s.ctx, nsObj); err != nil {
-		t.Fatal(err)
-	}
+	s.labelNamespace(allowing, v1alpha1.LabelPrivileged, v1alpha1.PrivilegedAllow)
 	allowed := buildPod(allowing, "root", "podman", "read", "")
 	allowed.Spec.Containers[0].SecurityContext = &corev1.SecurityContext{Privileged: ptr(true)}
 	s.create(allowed)
@@ -347,6 +340,18 @@ func TestPrivilegedPodsGetNoClaim(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+func (s *suite) labelNamespace(ns, key, value string) {
+	s.t.Helper()
+	nsObj := &corev1.Namespace{}
+	if err := s.c.Get(s.ctx, client.ObjectKey{Name: ns}, nsObj); err != nil {
+		s.t.Fatal(err)
+	}
+	metav1.SetMetaDataLabel(&nsObj.ObjectMeta, key, value)
+	if err := s.c.Update(s.ctx, nsObj); err != nil {
+		s.t.Fatal(err)
+	}
+}
 
 // A pod's volumes are setuid only if it asks (layercache.io/setuid) and its
 // namespace allows it: where the webhook did not check (it was down, the
@@ -380,14 +385,7 @@ func TestSetuidClaimsOnlyWhereTheNamespaceAllows(t *testing.T) {
 	}
 
 	allowing := s.namespace()
-	nsObj := &corev1.Namespace{}
-	if err := s.c.Get(s.ctx, client.ObjectKey{Name: allowing}, nsObj); err != nil {
-		t.Fatal(err)
-	}
-	metav1.SetMetaDataLabel(&nsObj.ObjectMeta, v1alpha1.LabelSetuid, v1alpha1.SetuidAllow)
-	if err := s.c.Update(s.ctx, nsObj); err != nil {
-		t.Fatal(err)
-	}
+	s.labelNamespace(allowing, v1alpha1.LabelSetuid, v1alpha1.SetuidAllow)
 	for _, ask := range []bool{true, false} {
 		name := "plain"
 		if ask {

@@ -58,12 +58,7 @@ func TestCARotationSkipsNoPod(t *testing.T) {
 	time.Sleep(time.Until(started.Add(50 * time.Second)))
 	close(stop)
 	<-done
-	for _, r := range refused {
-		t.Errorf("%s refused, sent %+.3fs from the rotation: %v", r.name, r.start.Sub(started).Seconds(), r.err)
-	}
-	skipped := e.uncached(names)
-	t.Logf("%d of %d creations refused, %d uncached (%v)", len(refused), len(names), len(skipped), skipped)
-	if len(skipped) > 0 {
+	if skipped := e.stormOutcome("the rotation", started, names, refused); len(skipped) > 0 {
 		t.Errorf("%d pods uncached during a CA rotation: %v", len(skipped), skipped)
 	}
 	e.settled()

@@ -286,6 +286,19 @@ func (e *env) storm(prefix string, max int, interval time.Duration, stop <-chan 
 	return names, refused
 }
 
+// stormOutcome fails the test for each refused creation of a storm (the
+// time it was sent from the disruption at since), logs the counts, and
+// returns the pods that ran uncached.
+func (e *env) stormOutcome(disruption string, since time.Time, names []string, refused []refusal) []string {
+	e.t.Helper()
+	for _, r := range refused {
+		e.t.Errorf("%s refused, sent %+.3fs from %s: %v", r.name, r.start.Sub(since).Seconds(), disruption, r.err)
+	}
+	skipped := e.uncached(names)
+	e.t.Logf("%d of %d creations refused, %d uncached (%v)", len(refused), len(names), len(skipped), skipped)
+	return skipped
+}
+
 // uncached waits for the pods to end (every one must succeed) and returns
 // those admitted without the webhook (no claims annotation); each must have
 // its CacheSkipped event.
@@ -354,14 +367,10 @@ func TestManagerHA(t *testing.T) {
 	})
 	t.Logf("the leader %s was killed; %s took over after %.1fs", first, leader(), paused.Seconds())
 	<-done
-	for _, r := range refused {
-		t.Errorf("%s refused, sent %+.3fs from the kill: %v", r.name, r.start.Sub(killed).Seconds(), r.err)
-	}
 	// A request in flight to the killed replica, or sent to its endpoint
 	// before the kubelet reports it dead, fails in transport; the API
 	// server retries none and admits the pod as written.
-	skipped := e.uncached(names)
-	t.Logf("%d of %d creations refused, %d uncached (%v)", len(refused), len(names), len(skipped), skipped)
+	skipped := e.stormOutcome("the kill", killed, names, refused)
 	if len(skipped) > 10 {
 		t.Errorf("%d pods uncached: more than the requests in flight to the killed replica", len(skipped))
 	}

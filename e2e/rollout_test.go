@@ -34,12 +34,7 @@ func TestManagerRolloutRestart(t *testing.T) {
 	time.Sleep(10 * time.Second)
 	close(stop)
 	<-done
-	for _, r := range refused {
-		t.Errorf("%s refused, sent %+.3fs from the restart: %v", r.name, r.start.Sub(started).Seconds(), r.err)
-	}
-	skipped := e.uncached(names)
-	t.Logf("%d of %d creations refused, %d uncached (%v)", len(refused), len(names), len(skipped), skipped)
-	if len(skipped) > 0 {
+	if skipped := e.stormOutcome("the restart", started, names, refused); len(skipped) > 0 {
 		t.Errorf("%d pods uncached during a rollout: %v", len(skipped), skipped)
 	}
 	e.twoManagers()

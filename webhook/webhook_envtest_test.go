@@ -227,15 +227,7 @@ func TestWebhookThroughTheAPIServer(t *testing.T) {
 		if _, err := cs.CoreV1().Pods(ns).Create(ctx, host, metav1.CreateOptions{}); err == nil || !strings.Contains(err.Error(), "hostPID") {
 			t.Fatalf("a hostPID pod: %v", err)
 		}
-		allowing := newNamespace(t, ctx, c)
-		nsObj := &corev1.Namespace{}
-		if err := c.Get(ctx, client.ObjectKey{Name: allowing}, nsObj); err != nil {
-			t.Fatal(err)
-		}
-		nsObj.Labels[v1alpha1.LabelPrivileged] = v1alpha1.PrivilegedAllow
-		if err := c.Update(ctx, nsObj); err != nil {
-			t.Fatal(err)
-		}
+		allowing := newNamespace(t, ctx, c, v1alpha1.LabelPrivileged, v1alpha1.PrivilegedAllow)
 		if got := create(t, ctx, cs, allowing, privileged("root")); len(claimsOf(t, got)) != 1 {
 			t.Errorf("a privileged pod where the namespace allows it got no claim")
 		}
@@ -250,15 +242,7 @@ func TestWebhookThroughTheAPIServer(t *testing.T) {
 			!strings.Contains(err.Error(), "layercache.io/setuid=allow") {
 			t.Fatalf("a setuid pod in a namespace that does not allow it: %v", err)
 		}
-		allowing := newNamespace(t, ctx, c)
-		nsObj := &corev1.Namespace{}
-		if err := c.Get(ctx, client.ObjectKey{Name: allowing}, nsObj); err != nil {
-			t.Fatal(err)
-		}
-		nsObj.Labels[v1alpha1.LabelSetuid] = v1alpha1.SetuidAllow
-		if err := c.Update(ctx, nsObj); err != nil {
-			t.Fatal(err)
-		}
+		allowing := newNamespace(t, ctx, c, v1alpha1.LabelSetuid, v1alpha1.SetuidAllow)
 		if claims := claimsOf(t, create(t, ctx, cs, allowing, setuid("suid"))); len(claims) != 1 || !claims[0].Setuid {
 			t.Errorf("a setuid pod where the namespace allows it: claims %+v", claims)
 		}
@@ -273,9 +257,13 @@ func TestWebhookThroughTheAPIServer(t *testing.T) {
 	})
 }
 
-func newNamespace(t *testing.T, ctx context.Context, c client.Client) string {
+// newNamespace creates a namespace, with labels as key, value pairs.
+func newNamespace(t *testing.T, ctx context.Context, c client.Client, labels ...string) string {
 	t.Helper()
-	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "webhook-"}}
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{GenerateName: "webhook-", Labels: map[string]string{}}}
+	for i := 0; i+1 < len(labels); i += 2 {
+		ns.Labels[labels[i]] = labels[i+1]
+	}
 	if err := c.Create(ctx, ns); err != nil {
 		t.Fatal(err)
 	}
