@@ -95,12 +95,19 @@ func (s *Store) HostDirMountPoints(id string) ([]string, error) {
 		// A plain bind mount's root is the source path within its
 		// filesystem: it ends with the store-relative path whatever the
 		// mount point of the filesystem holding the store.
-		legacy := m.FSType != "overlay" && strings.HasSuffix(m.Root, suffix) && strings.HasSuffix(s.hostDirPath(id), m.Root)
-		if legacy || (m.FSType == "overlay" && m.Upper == s.hostDirPath(id)) {
+		// (The overlay's root, and its bind mounts', is "/".)
+		legacy := strings.HasSuffix(m.Root, suffix) && strings.HasSuffix(s.hostDirPath(id), m.Root)
+		if legacy || s.isHostDirOverlay(id, m) {
 			out = append(out, m.MountPoint)
 		}
 	}
 	return out, nil
+}
+
+// isHostDirOverlay: m is the overlay of host directory id (or a bind
+// mount of it).
+func (s *Store) isHostDirOverlay(id string, m mountEntry) bool {
+	return m.FSType == "overlay" && m.Upper == s.hostDirPath(id)
 }
 
 // StopHostDirWrites makes host directory id read-only wherever it is
@@ -124,7 +131,7 @@ func (s *Store) StopHostDirWrites(id string) error {
 		if !slices.Contains(points, m.MountPoint) {
 			continue
 		}
-		if m.FSType != "overlay" {
+		if !s.isHostDirOverlay(id, m) {
 			errs = append(errs, fmt.Errorf("host directory %s at %s is a bind mount of the node's file system (mounted before this agent version): its writes cannot be stopped", id, m.MountPoint))
 			continue
 		}
