@@ -30,14 +30,7 @@ func TestCARotationSkipsNoPod(t *testing.T) {
 	}
 	before := bundle()
 
-	var names []string
-	var refused []refusal
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		names, refused = e.storm("rot", 200, 250*time.Millisecond, stop)
-	}()
+	stopStorm := e.stormUntil("rot", 200, 250*time.Millisecond)
 	time.Sleep(3 * time.Second)
 	// An invalid CA key makes the manager rotate the CA and the serving
 	// certificate, as it does before the CA expires.
@@ -56,8 +49,7 @@ func TestCARotationSkipsNoPod(t *testing.T) {
 	// Secret every 30 s, then waits 5 s for the bundle to reach the API
 	// server.
 	time.Sleep(time.Until(started.Add(50 * time.Second)))
-	close(stop)
-	<-done
+	names, refused := stopStorm()
 	if skipped := e.stormOutcome("the rotation", started, names, refused); len(skipped) > 0 {
 		t.Errorf("%d pods uncached during a CA rotation: %v", len(skipped), skipped)
 	}

@@ -286,6 +286,24 @@ func (e *env) storm(prefix string, max int, interval time.Duration, stop <-chan 
 	return names, refused
 }
 
+// stormUntil runs a storm in the background; the function it returns
+// stops it and returns its creations and refusals.
+func (e *env) stormUntil(prefix string, max int, interval time.Duration) func() ([]string, []refusal) {
+	var names []string
+	var refused []refusal
+	stop := make(chan struct{})
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		names, refused = e.storm(prefix, max, interval, stop)
+	}()
+	return func() ([]string, []refusal) {
+		close(stop)
+		<-done
+		return names, refused
+	}
+}
+
 // stormOutcome fails the test for each refused creation of a storm (the
 // time it was sent from the disruption at since), logs the counts, and
 // returns the pods that ran uncached.

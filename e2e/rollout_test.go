@@ -16,14 +16,7 @@ import (
 func TestManagerRolloutRestart(t *testing.T) {
 	e := newEnv(t)
 	e.twoManagers()
-	var names []string
-	var refused []refusal
-	stop := make(chan struct{})
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		names, refused = e.storm("roll", 300, 400*time.Millisecond, stop)
-	}()
+	stopStorm := e.stormUntil("roll", 300, 400*time.Millisecond)
 	time.Sleep(3 * time.Second)
 	started := time.Now()
 	kubectl(t, "-n", "layercache-system", "rollout", "restart", "deployment/layercache-controller-manager")
@@ -32,8 +25,7 @@ func TestManagerRolloutRestart(t *testing.T) {
 	// The last old replica drains for --shutdown-delay after the rollout
 	// reports done.
 	time.Sleep(10 * time.Second)
-	close(stop)
-	<-done
+	names, refused := stopStorm()
 	if skipped := e.stormOutcome("the restart", started, names, refused); len(skipped) > 0 {
 		t.Errorf("%d pods uncached during a rollout: %v", len(skipped), skipped)
 	}

@@ -89,25 +89,26 @@ func (s *Store) HostDirMountPoints(id string) ([]string, error) {
 	if err != nil {
 		return nil, err
 	}
-	suffix := "/" + dirHostDirs + "/" + id
 	var out []string
 	for _, m := range mounts {
-		// A plain bind mount's root is the source path within its
-		// filesystem: it ends with the store-relative path whatever the
-		// mount point of the filesystem holding the store.
-		// (The overlay's root, and its bind mounts', is "/".)
-		legacy := strings.HasSuffix(m.Root, suffix) && strings.HasSuffix(s.hostDirPath(id), m.Root)
-		if legacy || s.isHostDirOverlay(id, m) {
+		if overlay, legacy := s.hostDirMount(id, m); overlay || legacy {
 			out = append(out, m.MountPoint)
 		}
 	}
 	return out, nil
 }
 
-// isHostDirOverlay: m is the overlay of host directory id (or a bind
-// mount of it).
-func (s *Store) isHostDirOverlay(id string, m mountEntry) bool {
-	return m.FSType == "overlay" && m.Upper == s.hostDirPath(id)
+// hostDirMount says whether m mounts host directory id: as its overlay (or
+// a bind mount of it), or as a plain bind mount of an older agent.
+func (s *Store) hostDirMount(id string, m mountEntry) (overlay, legacy bool) {
+	if m.FSType == "overlay" && m.Upper == s.hostDirPath(id) {
+		return true, false
+	}
+	// A plain bind mount's root is the source path within its filesystem:
+	// it ends with the store-relative path whatever the mount point of
+	// the filesystem holding the store (an overlay's root is "/").
+	suffix := "/" + dirHostDirs + "/" + id
+	return false, strings.HasSuffix(m.Root, suffix) && strings.HasSuffix(s.hostDirPath(id), m.Root)
 }
 
 // StopHostDirWrites makes host directory id read-only wherever it is
@@ -122,20 +123,14 @@ func (s *Store) StopHostDirWrites(id string) error {
 	if err != nil {
 		return err
 	}
-	points, err := s.HostDirMountPoints(id)
-	if err != nil {
-		return err
-	}
 	var errs []error
 	for _, m := range mounts {
-		if !slices.Contains(points, m.MountPoint) {
-			continue
-		}
-		if !s.isHostDirOverlay(id, m) {
+		switch overlay, legacy := s.hostDirMount(id, m); {
+		case overlay:
+			errs = append(errs, makeReadOnly(m.MountPoint))
+		case legacy:
 			errs = append(errs, fmt.Errorf("host directory %s at %s is a bind mount of the node's file system (mounted before this agent version): its writes cannot be stopped", id, m.MountPoint))
-			continue
 		}
-		errs = append(errs, makeReadOnly(m.MountPoint))
 	}
 	return errors.Join(errs...)
 }
