@@ -3,6 +3,7 @@ package engine
 import (
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -51,10 +52,19 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 	if err != nil {
 		return CompactResult{}, err
 	}
-	base, ok, err := s.head(k)
+	head, ok, err := s.head(k)
+	base := compactBase{Generation: head}
+	if err == nil && ok {
+		err = s.compactable(k, &base)
+	}
 	lock.unlock()
 	if err != nil || !ok || len(base.Layers) < threshold {
 		return CompactResult{}, err
+	}
+	if len(base.Layers)-base.images < 2 {
+		// Image layers (pulled) at the bottom are never copied: only
+		// what was committed on top of them is merged.
+		return CompactResult{}, nil
 	}
 
 	t, err := s.newTempDir("compact")
@@ -62,7 +72,7 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 		return CompactResult{}, err
 	}
 	defer t.done(s) // after a successful swap the dir is empty
-	if err := s.mergeLayers(k, base.Layers, t.path); err != nil {
+	if err := s.mergeLayers(k, base.Layers[base.images:], t.path, base.images > 0); err != nil {
 		if s.chainGone(k, base.Layers) {
 			return CompactResult{}, nil // deleted or evicted meanwhile: nothing to compact
 		}
@@ -75,7 +85,7 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 		return CompactResult{}, err
 	}
 	defer lock.unlock()
-	head, _, err := s.head(k)
+	head, _, err = s.head(k)
 	if err != nil {
 		return CompactResult{}, err
 	}
@@ -85,19 +95,42 @@ func (s *Store) compact(k Key, threshold int) (CompactResult, error) {
 	if !slices.Equal(head.Layers[:min(len(base.Layers), len(head.Layers))], base.Layers) {
 		return CompactResult{}, nil
 	}
-	g, err := s.publishCompacted(k, head, len(base.Layers), filepath.Join(t.path, "layer"))
+	g, err := s.publishCompacted(k, head, base.images, len(base.Layers), filepath.Join(t.path, "layer"))
 	if err != nil {
 		return CompactResult{}, fmt.Errorf("compacting %s: %w", k, err)
 	}
 	failpoint("compact/published")
-	return CompactResult{Compacted: true, From: len(head.Layers), Generation: g.Number, Layer: g.Layers[0], ChainLength: len(g.Layers)}, nil
+	return CompactResult{Compacted: true, From: len(head.Layers), Generation: g.Number, Layer: g.Layers[base.images], ChainLength: len(g.Layers)}, nil
 }
 
-// publishCompacted moves merged (the first n layers of head, merged) into
-// cache k as a new layer and publishes the generation of that layer plus
-// the layers committed on top since. The content is still the head's: so
+// compactBase is a head about to be compacted: the first images of its
+// layers are image layers, left as they are.
+type compactBase struct {
+	Generation
+	images int
+}
+
+// compactable counts the image layers at the bottom of g's chain (those
+// up to the last image layer).
+func (s *Store) compactable(k Key, g *compactBase) error {
+	g.images = 0
+	for i, id := range g.Layers {
+		image, err := s.isImageLayer(k, id)
+		if err != nil {
+			return err
+		}
+		if image {
+			g.images = i + 1
+		}
+	}
+	return nil
+}
+
+// publishCompacted moves merged (layers from to n of head, merged) into
+// cache k as a new layer and publishes the generation of the layers below
+// from, that layer and the layers committed on top since. The content is still the head's: so
 // are its labels, its time and its identity. The caller holds k's lock.
-func (s *Store) publishCompacted(k Key, head Generation, n int, merged string) (Generation, error) {
+func (s *Store) publishCompacted(k Key, head Generation, from, n int, merged string) (Generation, error) {
 	layer := randomID()
 	if err := os.Rename(merged, s.layerPath(k, layer)); err != nil {
 		return Generation{}, err
@@ -112,7 +145,7 @@ func (s *Store) publishCompacted(k Key, head Generation, n int, merged string) (
 	}
 	committed := head.Committed()
 	g := Generation{
-		Number: num, Layers: append([]string{layer}, head.Layers[n:]...),
+		Number: num, Layers: slices.Concat(head.Layers[:from], []string{layer}, head.Layers[n:]),
 		Created: time.Now().UTC(), Source: "compact",
 		Labels: head.Labels, ContentTime: &committed, Identity: head.ID(),
 	}
@@ -135,8 +168,10 @@ func (s *Store) chainGone(k Key, layers []string) bool {
 	return !ok || !slices.Equal(head.Layers[:min(len(layers), len(head.Layers))], layers)
 }
 
-// mergeLayers builds tmp/layer from layers (bottom first).
-func (s *Store) mergeLayers(k Key, layers []string, tmp string) error {
+// mergeLayers builds tmp/layer from layers (bottom first). With carry,
+// the merged layer sits on layers it does not hold: it keeps whiteouts,
+// and a directory that replaces something else is opaque.
+func (s *Store) mergeLayers(k Key, layers []string, tmp string, carry bool) error {
 	if err := os.Mkdir(filepath.Join(tmp, "layer"), 0o755); err != nil {
 		return err
 	}
@@ -158,7 +193,7 @@ func (s *Store) mergeLayers(k Key, layers []string, tmp string) error {
 		if err != nil {
 			return err
 		}
-		err = applyLayer(src, out)
+		err = applyLayer(src, out, carry)
 		if err == nil {
 			err = copyDirMetadata(src, out)
 		}
@@ -171,7 +206,7 @@ func (s *Store) mergeLayers(k Key, layers []string, tmp string) error {
 }
 
 // applyLayer applies the overlay layer src onto the merged tree dst.
-func applyLayer(src, dst *dir) error {
+func applyLayer(src, dst *dir, carry bool) error {
 	names, err := src.names()
 	if err != nil {
 		return err
@@ -183,7 +218,7 @@ func applyLayer(src, dst *dir) error {
 		}
 		switch st.Mode & unix.S_IFMT {
 		case unix.S_IFCHR:
-			if st.Rdev == 0 { // whiteout: the name is deleted
+			if st.Rdev == 0 && !carry { // whiteout: the name is deleted
 				if err := dst.removeAll(name); err != nil {
 					return err
 				}
@@ -193,7 +228,7 @@ func applyLayer(src, dst *dir) error {
 				return err
 			}
 		case unix.S_IFDIR:
-			if err := applyDir(src, dst, name); err != nil {
+			if err := applyDir(src, dst, name, carry); err != nil {
 				return err
 			}
 		default: // files, symlinks, fifos, sockets, devices: linked, never followed
@@ -205,7 +240,7 @@ func applyLayer(src, dst *dir) error {
 	return nil
 }
 
-func applyDir(src, dst *dir, name string) error {
+func applyDir(src, dst *dir, name string, carry bool) error {
 	srcSub, err := src.child(name)
 	if err != nil {
 		return err
@@ -221,11 +256,12 @@ func applyDir(src, dst *dir, name string) error {
 		return err
 	}
 	if exists && (dstSt.Mode&unix.S_IFMT != unix.S_IFDIR || opaque) {
-		// An opaque dir hides everything below it in the layers beneath.
+		// An opaque dir hides everything below it in the layers beneath;
+		// so does a directory over a non-directory (a whiteout among them).
 		if err := dst.removeAll(name); err != nil {
 			return err
 		}
-		exists = false
+		exists, opaque = false, true
 	}
 	if !exists {
 		if err := unix.Mkdirat(dst.fd(), name, 0o700); err != nil {
@@ -237,8 +273,13 @@ func applyDir(src, dst *dir, name string) error {
 		return err
 	}
 	defer dstSub.Close()
-	if err := applyLayer(srcSub, dstSub); err != nil {
+	if err := applyLayer(srcSub, dstSub, carry); err != nil {
 		return err
+	}
+	if carry && opaque {
+		if err := unix.Fsetxattr(dstSub.fd(), xattrOpaque, []byte("y"), 0); err != nil {
+			return err
+		}
 	}
 	return copyDirMetadata(srcSub, dstSub)
 }
@@ -247,10 +288,71 @@ func replaceWithLink(src, dst *dir, name string) error {
 	if err := dst.removeAll(name); err != nil {
 		return err
 	}
-	if err := unix.Linkat(src.fd(), name, dst.fd(), name, 0); err != nil {
+	err := unix.Linkat(src.fd(), name, dst.fd(), name, 0)
+	if errors.Is(err, unix.EXDEV) {
+		// An image layer's file (another file system): copied.
+		err = copyEntry(src, dst, name)
+	}
+	if err != nil {
 		return fmt.Errorf("link %s/%s: %w", src.f.Name(), name, err)
 	}
 	return nil
+}
+
+// copyEntry copies name of src (a file, symlink, FIFO or whiteout) into
+// dst, with its owner, mode and times.
+func copyEntry(src, dst *dir, name string) error {
+	st, err := src.lstat(name)
+	if err != nil {
+		return err
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFREG:
+		if err := copyFileData(src, dst, name, st.Size); err != nil {
+			return err
+		}
+	case unix.S_IFLNK:
+		target := make([]byte, unix.PathMax)
+		n, err := unix.Readlinkat(src.fd(), name, target)
+		if err != nil {
+			return err
+		}
+		if err := unix.Symlinkat(string(target[:n]), dst.fd(), name); err != nil {
+			return err
+		}
+	case unix.S_IFIFO, unix.S_IFCHR:
+		if err := unix.Mknodat(dst.fd(), name, st.Mode&unix.S_IFMT, int(st.Rdev)); err != nil {
+			return err
+		}
+	default:
+		return fmt.Errorf("%s: cannot be copied (mode %o)", name, st.Mode)
+	}
+	if err := unix.Fchownat(dst.fd(), name, int(st.Uid), int(st.Gid), unix.AT_SYMLINK_NOFOLLOW); err != nil {
+		return err
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFLNK {
+		if err := unix.Fchmodat(dst.fd(), name, st.Mode&0o7777, 0); err != nil {
+			return err
+		}
+	}
+	return unix.UtimesNanoAt(dst.fd(), name, []unix.Timespec{st.Atim, st.Mtim}, unix.AT_SYMLINK_NOFOLLOW)
+}
+
+func copyFileData(src, dst *dir, name string, size int64) error {
+	in, err := unix.Openat(src.fd(), name, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	inf := os.NewFile(uintptr(in), name)
+	defer inf.Close()
+	out, err := unix.Openat(dst.fd(), name, unix.O_WRONLY|unix.O_CREAT|unix.O_EXCL|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0o600)
+	if err != nil {
+		return err
+	}
+	outf := os.NewFile(uintptr(out), name)
+	defer outf.Close()
+	_, err = io.CopyN(outf, inf, size)
+	return err
 }
 
 func isOpaque(d *dir) (bool, error) {

@@ -49,7 +49,9 @@ func (s *Store) SetLayerDigest(k Key, id string, d LayerDigest) error {
 		return err
 	}
 	defer lock.unlock()
-	if _, err := os.Lstat(s.layerPath(k, id)); errors.Is(err, fs.ErrNotExist) {
+	if ok, err := s.layerExists(k, id); err != nil {
+		return err
+	} else if !ok {
 		return fmt.Errorf("layer %s of %s: %w", id, k, ErrNotFound)
 	}
 	return s.writeLayerDigest(k, id, d)
@@ -86,7 +88,7 @@ func (s *Store) LayerWithDigest(k Key, digest string) (string, bool, error) {
 		if err != nil || !found || d.Digest != digest {
 			continue
 		}
-		if _, err := os.Lstat(s.layerPath(k, id)); err == nil {
+		if ok, err := s.layerExists(k, id); err == nil && ok {
 			return id, true, nil
 		}
 	}
@@ -106,7 +108,7 @@ func (s *Store) removeStaleDigests(k Key) error {
 	for _, e := range entries {
 		id, ok := strings.CutSuffix(e.Name(), ".json")
 		if ok && validateLayerID(id) == nil {
-			if _, err := os.Lstat(s.layerPath(k, id)); !errors.Is(err, fs.ErrNotExist) {
+			if there, err := s.layerExists(k, id); err != nil || there {
 				continue
 			}
 		} else if !isTmpName(e.Name()) {

@@ -68,6 +68,9 @@ func (s *Store) gcCache(k Key, res *GCResult) error {
 	if !refs.hasHead && layers == removed && len(refs.generations) == 0 && !refs.volumesOn {
 		// Nothing left of this cache: a commit that never published, or
 		// a cache whose volumes all went away before any commit.
+		if err := s.unmountImages(k); err != nil {
+			return err
+		}
 		if err := bin.trash(s, s.cacheDir(k)); err != nil {
 			return err
 		}
@@ -173,18 +176,18 @@ func (s *Store) gcGenerations(k Key, refs gcRefs, res *GCResult) error {
 // returns how many layers there were and how many it removed.
 func (s *Store) gcLayers(k Key, keep map[string]bool, res *GCResult, bin *trashBin) (int, int, error) {
 	layersDir := filepath.Join(s.cacheDir(k), dirLayers)
-	entries, err := os.ReadDir(layersDir)
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
+	ids, err := s.layerIDs(k)
+	if err != nil {
 		return 0, 0, err
 	}
 	var garbage []string
-	for _, e := range entries {
-		if !keep[e.Name()] {
-			garbage = append(garbage, e.Name())
+	for _, id := range ids {
+		if !keep[id] {
+			garbage = append(garbage, id)
 		}
 	}
 	if len(garbage) == 0 {
-		return len(entries), 0, nil
+		return len(ids), 0, nil
 	}
 	t, err := s.newTempDir("trash")
 	if err != nil {
@@ -192,13 +195,38 @@ func (s *Store) gcLayers(k Key, keep map[string]bool, res *GCResult, bin *trashB
 	}
 	bin.keep(t)
 	for _, id := range garbage {
-		if err := os.Rename(filepath.Join(layersDir, id), filepath.Join(t.path, id)); err != nil {
+		if err := s.trashLayer(k, id, t.path); err != nil {
 			return 0, 0, fmt.Errorf("removing layer %s: %w", id, err)
 		}
 		res.Layers++
 	}
 	failpoint("gc/layers-moved")
-	return len(entries), len(garbage), syncDir(layersDir)
+	return len(ids), len(garbage), syncDir(layersDir)
+}
+
+// trashLayer moves layer id of k into dir. An image is unmounted first,
+// and its mount point goes before its file: a crash between the two
+// leaves a whole image layer (mounted again when read), never an empty
+// directory that would pass for a layer.
+func (s *Store) trashLayer(k Key, id, dir string) error {
+	image, err := s.isImageLayer(k, id)
+	if err != nil {
+		return err
+	}
+	if image {
+		if err := unmountImage(s.layerPath(k, id)); err != nil {
+			return err
+		}
+		failpoint("gc/image-unmounted")
+	}
+	if err := os.Rename(s.layerPath(k, id), filepath.Join(dir, id)); err != nil && !(image && errors.Is(err, os.ErrNotExist)) {
+		return err
+	}
+	if !image {
+		return nil
+	}
+	failpoint("gc/image-mountpoint-moved")
+	return os.Rename(s.imagePath(k, id), filepath.Join(dir, id+imageSuffix))
 }
 
 func removeTmpFiles(dirPath string) error {

@@ -244,16 +244,35 @@ func assertNoOrphans(t testing.TB, s *Store) {
 			t.Fatal(err)
 		}
 		for _, e := range entries {
-			if !referenced[e.Name()] {
+			if !referenced[strings.TrimSuffix(e.Name(), imageSuffix)] {
 				t.Errorf("%s: orphan layer %s", k, e.Name())
 			}
 		}
 	}
+	assertNoStrayMounts(t, s)
 	tmp, err := os.ReadDir(filepath.Join(s.root, dirTmp))
 	if err != nil {
 		t.Fatal(err)
 	}
 	for _, e := range tmp {
 		t.Errorf("leftover temporary entry %s", e.Name())
+	}
+}
+
+// assertNoStrayMounts checks that every EROFS mount below the store is an
+// image layer's, on its own mount point, with its image still there.
+func assertNoStrayMounts(t testing.TB, s *Store) {
+	t.Helper()
+	mounts, err := readMountInfo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range mounts {
+		if m.FSType != "erofs" || !strings.HasPrefix(m.MountPoint, s.root+"/") {
+			continue
+		}
+		if _, err := os.Stat(m.MountPoint + imageSuffix); err != nil || filepath.Base(filepath.Dir(m.MountPoint)) != dirLayers {
+			t.Errorf("stray EROFS mount at %s (its image: %v)", m.MountPoint, err)
+		}
 	}
 }

@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"os"
 	"path"
 	"path/filepath"
@@ -57,6 +56,9 @@ func (s *Store) WriteLayerTar(k Key, id string, w io.Writer) error {
 		return err
 	}
 	defer root.Close()
+	if _, err := s.readyLayer(k, id); err != nil {
+		return err
+	}
 	layer, err := root.openBeneath(filepath.Join(dirCaches, k.Namespace, k.Name, dirLayers, id))
 	if err != nil {
 		return fmt.Errorf("layer %s of %s: %w", id, k, err)
@@ -200,6 +202,7 @@ type StagedLayer struct {
 	t      *tempDir
 	id     string
 	reused bool
+	image  bool // an EROFS image, ID.erofs, not a directory
 	// Bytes and Entries are what the layer holds.
 	Bytes, Entries int64
 	// Digest, if set (by the importer, once it checked the blob), is
@@ -231,7 +234,11 @@ func (s *Store) ImportLayer(r io.Reader, opts ImportOptions) (*StagedLayer, erro
 		return nil, err
 	}
 	staged := &StagedLayer{t: t, id: randomID()}
-	if err := s.extract(staged, r, opts); err != nil {
+	extract := s.extract
+	if format, _ := s.ImportFormat(); format == LayerFormatImage {
+		staged.image, extract = true, s.extractImage
+	}
+	if err := extract(staged, r, opts); err != nil {
 		staged.Discard(s)
 		return nil, err
 	}
@@ -586,13 +593,18 @@ func (s *Store) placeLayers(k Key, layers []*StagedLayer) ([]string, error) {
 			if err := validateLayerID(l.id); err != nil {
 				return nil, err
 			}
-			if _, err := os.Lstat(s.layerPath(k, l.id)); errors.Is(err, fs.ErrNotExist) {
-				return nil, fmt.Errorf("reusing layer %s of %s: %w", l.id, k, ErrLayerGone)
-			} else if err != nil {
+			if ok, err := s.layerExists(k, l.id); err != nil {
 				return nil, fmt.Errorf("reusing layer %s: %w", l.id, err)
+			} else if !ok {
+				return nil, fmt.Errorf("reusing layer %s of %s: %w", l.id, k, ErrLayerGone)
 			}
 		case l == nil || l.t == nil:
 			return nil, errors.New("a staged layer was already spent")
+		case l.image:
+			// The mount point is made when the layer is first read.
+			if err := os.Rename(filepath.Join(l.t.path, l.id+imageSuffix), s.imagePath(k, l.id)); err != nil {
+				return nil, fmt.Errorf("publishing layer %s: %w", l.id, err)
+			}
 		default:
 			if err := os.Rename(filepath.Join(l.t.path, l.id), s.layerPath(k, l.id)); err != nil {
 				return nil, fmt.Errorf("publishing layer %s: %w", l.id, err)

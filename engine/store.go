@@ -58,6 +58,8 @@ type Options struct {
 	// CompactThreshold is the chain length at which CompactIfNeeded merges
 	// a cache's layers into one. Zero means DefaultCompactThreshold.
 	CompactThreshold int
+	// LayerFormat is how imported layers are kept (empty: auto).
+	LayerFormat LayerFormat
 }
 
 // Store is a node-local layered store rooted at one directory.
@@ -67,6 +69,11 @@ type Store struct {
 	// hostDirMu serialises the mounts of host directories: one overlay
 	// per directory.
 	hostDirMu sync.Mutex
+	// imageMu serialises this process' mounts of image layers.
+	imageMu    sync.Mutex
+	formatOnce sync.Once
+	format     LayerFormat
+	formatErr  error
 }
 
 // Generation is one immutable state of a cache: an ordered list of layers.
@@ -126,6 +133,12 @@ func Open(root string, opts Options) (*Store, error) {
 	}
 	if opts.CompactThreshold < 2 {
 		return nil, fmt.Errorf("compact threshold %d: must be at least 2", opts.CompactThreshold)
+	}
+	if opts.LayerFormat == "" {
+		opts.LayerFormat = LayerFormatAuto
+	}
+	if _, err := ParseLayerFormat(string(opts.LayerFormat)); err != nil {
+		return nil, err
 	}
 	if err := os.MkdirAll(root, 0o700); err != nil {
 		return nil, fmt.Errorf("creating store root: %w", err)
@@ -341,6 +354,8 @@ type CacheInfo struct {
 	LastUsed time.Time `json:"lastUsed"`
 	// Pushed is what RecordPush last recorded for the cache, if anything.
 	Pushed *PushRecord `json:"pushed,omitempty"`
+	// Layers lists the layers on disk, in either format.
+	Layers []LayerInfo `json:"layers"`
 }
 
 // Inspect describes one cache, from one snapshot taken under its lock.
@@ -374,6 +389,9 @@ func (s *Store) inspect(k Key) (CacheInfo, error) {
 		return info, err
 	}
 	if info.Volumes, err = s.users(k); err != nil {
+		return info, err
+	}
+	if info.Layers, err = s.layerInfos(k); err != nil {
 		return info, err
 	}
 	info.Pushed, err = s.pushed(k)
@@ -430,6 +448,9 @@ func (s *Store) deleteCache(k Key, idle time.Duration) error {
 	}
 	if since := time.Since(info.LastUsed); idle >= 0 && since < idle {
 		return fmt.Errorf("cache %s was used %s ago, less than %s: %w", k, since.Round(time.Second), idle, ErrInUse)
+	}
+	if err := s.unmountImages(k); err != nil {
+		return err
 	}
 	return bin.trash(s, s.cacheDir(k))
 }
@@ -534,6 +555,10 @@ func (s *Store) removeTemp(path string) error {
 		return err
 	}
 	defer tmp.Close()
+	// A probe of image mounts that crashed left its mount here.
+	if err := unmountImage(filepath.Join(path, "mnt")); err != nil {
+		return err
+	}
 	return tmp.removeAll(filepath.Base(path))
 }
 
@@ -584,7 +609,7 @@ func (s *Store) CommittedBy(k Key, id string) (*Generation, error) {
 }
 
 // LayerPath returns the directory of layer id of cache k (for tools that
-// read a layer; a layer must never be modified).
+// read a layer; a layer must never be modified), an image layer mounted.
 func (s *Store) LayerPath(k Key, id string) (string, error) {
 	if err := k.Validate(); err != nil {
 		return "", err
@@ -592,7 +617,7 @@ func (s *Store) LayerPath(k Key, id string) (string, error) {
 	if err := validateLayerID(id); err != nil {
 		return "", err
 	}
-	return s.layerPath(k, id), nil
+	return s.readyLayer(k, id)
 }
 
 // touchLastUsed records that cache k was used now (best effort: it only

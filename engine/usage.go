@@ -3,7 +3,6 @@ package engine
 import (
 	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
 
 	"golang.org/x/sys/unix"
@@ -61,36 +60,47 @@ func (s *Store) Usage(k Key) (CacheUsage, error) {
 		return u, err
 	}
 	defer root.Close()
-	rel := filepath.Join(dirCaches, k.Namespace, k.Name, dirLayers)
-	entries, err := os.ReadDir(filepath.Join(s.root, rel))
-	if errors.Is(err, os.ErrNotExist) {
-		return u, nil
-	}
+	ids, err := s.layerIDs(k)
 	if err != nil {
 		return u, err
 	}
 	total := newCounter()
-	for _, e := range entries {
-		if validateLayerID(e.Name()) != nil {
-			continue
-		}
-		d, err := root.openBeneath(filepath.Join(rel, e.Name()))
+	for _, id := range ids {
+		own := newCounter()
+		err := s.measureLayer(root, k, id, own, total)
 		if errors.Is(err, unix.ENOENT) {
 			continue // removed by GC meanwhile
 		}
 		if err != nil {
 			return u, err
 		}
-		own := newCounter()
-		err = measure(d, own, total)
-		d.Close()
-		if err != nil {
-			return u, err
-		}
-		u.Layers = append(u.Layers, LayerUsage{ID: e.Name(), Bytes: own.bytes, Inodes: own.inodes})
+		u.Layers = append(u.Layers, LayerUsage{ID: id, Bytes: own.bytes, Inodes: own.inodes})
 	}
 	u.Bytes, u.Inodes = total.bytes, total.inodes
 	return u, nil
+}
+
+// measureLayer counts layer id of k: a directory's tree, walked without
+// following symlinks, or an image's one file (what it takes on disk; its
+// mount is never walked).
+func (s *Store) measureLayer(root *dir, k Key, id string, counters ...*counter) error {
+	var st unix.Stat_t
+	err := unix.Fstatat(root.fd(), filepath.Join(dirCaches, k.Namespace, k.Name, dirLayers, id+imageSuffix), &st, unix.AT_SYMLINK_NOFOLLOW)
+	if err == nil {
+		for _, c := range counters {
+			c.add(&st)
+		}
+		return nil
+	}
+	if !errors.Is(err, unix.ENOENT) {
+		return err
+	}
+	d, err := root.openBeneath(filepath.Join(dirCaches, k.Namespace, k.Name, dirLayers, id))
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return measure(d, counters...)
 }
 
 // VolumeUsage measures the private upper layer of volume id: what the

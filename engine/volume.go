@@ -320,7 +320,11 @@ func (s *Store) Mount(id, target string) error {
 	}
 	lowers := make([]string, 0, len(v.Layers)+1)
 	for i := len(v.Layers) - 1; i >= 0; i-- {
-		lowers = append(lowers, s.layerPath(v.LayersOf(), v.Layers[i]))
+		lower, err := s.readyLayer(v.LayersOf(), v.Layers[i])
+		if err != nil {
+			return err
+		}
+		lowers = append(lowers, lower)
 	}
 	if len(lowers) == 0 {
 		lowers = append(lowers, filepath.Join(s.root, dirEmpty))
@@ -613,7 +617,7 @@ func (s *Store) adoptBase(v *Volume) (string, error) {
 		return "", err
 	}
 	defer t.done(s)
-	if err := s.mergeLayers(*v.From, v.Layers, t.path); err != nil {
+	if err := s.mergeLayers(*v.From, v.Layers, t.path, false); err != nil {
 		return "", err
 	}
 	failpoint("commit/base-merged")
@@ -633,20 +637,19 @@ func (s *Store) checkCommitSize(v *Volume, maxBytes int64) error {
 	}
 	defer root.Close()
 	total := newCounter()
-	rels := []string{filepath.Join(dirVolumes, v.ID, "upper")}
-	base := v.LayersOf()
-	for _, l := range v.Layers {
-		rels = append(rels, filepath.Join(dirCaches, base.Namespace, base.Name, dirLayers, l))
+	upper := filepath.Join(dirVolumes, v.ID, "upper")
+	d, err := root.openBeneath(upper)
+	if err != nil {
+		return fmt.Errorf("measuring %s: %w", upper, err)
 	}
-	for _, rel := range rels {
-		d, err := root.openBeneath(rel)
-		if err != nil {
-			return fmt.Errorf("measuring %s: %w", rel, err)
-		}
-		err = measure(d, total)
-		d.Close()
-		if err != nil {
-			return fmt.Errorf("measuring %s: %w", rel, err)
+	err = measure(d, total)
+	d.Close()
+	if err != nil {
+		return fmt.Errorf("measuring %s: %w", upper, err)
+	}
+	for _, l := range v.Layers {
+		if err := s.measureLayer(root, v.LayersOf(), l, total); err != nil {
+			return fmt.Errorf("measuring layer %s: %w", l, err)
 		}
 	}
 	if total.bytes > maxBytes {
