@@ -81,6 +81,7 @@ lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 test: lint check-generated envtest-assets registry-bin helm-bin chart-lint test-e2e ## Run every test (as root: overlays, a real cluster, a real registry).
 	@rc=0; KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./... || rc=$$?; \
 	hack/reap-envtest.sh; exit $$rc
+	$(GO) test -run '^$$' -fuzz FuzzImageLayer -fuzztime 20s ./engine/
 
 .PHONY: test-extended
 test-extended: ## The extended e2e tests: the Helm chart installed, upgraded, uninstalled; a real Tekton pipeline with a cached workspace; nested podman in a cache (root; CI runs it after make test).
@@ -112,10 +113,11 @@ chart-lint: helm-bin ## helm lint the chart in dist/chart (go test ./internal/ch
 	$(BIN)/helm lint --strict dist/chart --set certificates.mode=builtin
 
 .PHONY: fuzz
-fuzz: ## Fuzz the name parsers and the layer importer for a while (FUZZTIME=1m each).
+fuzz: ## Fuzz the name parsers, the layer importer and the tar-to-EROFS writer (its images mounted and read back) for a while (FUZZTIME=1m each).
 	$(GO) test -run '^$$' -fuzz FuzzParseKey -fuzztime $(or $(FUZZTIME),1m) ./engine/
 	$(GO) test -run '^$$' -fuzz FuzzValidateVolumeID -fuzztime $(or $(FUZZTIME),1m) ./engine/
 	$(GO) test -run '^$$' -fuzz FuzzImportLayer -fuzztime $(or $(FUZZTIME),1m) ./engine/
+	$(GO) test -run '^$$' -fuzz FuzzImageLayer -fuzztime $(or $(FUZZTIME),1m) ./engine/
 
 .PHONY: bench
 bench: ## Measure volume setup, commit and compaction against cp -a and tar -x (root).

@@ -23,6 +23,9 @@ import (
 
 const imageSuffix = ".erofs"
 
+// maxNameLen is the longest name of an entry, as in other file systems.
+const maxNameLen = 255
+
 // erofsSuperMagic is the f_type statfs reports for an EROFS mount.
 const erofsSuperMagic = 0xE0F5E1E2
 
@@ -86,6 +89,11 @@ func (t *imageTree) add(l *StagedLayer, tr *tar.Reader, h *tar.Header, opts Impo
 	if rel == "." {
 		return nil // the layer's root: ours
 	}
+	for _, part := range strings.Split(rel, "/") {
+		if len(part) > maxNameLen {
+			return unsafeEntry(h.Name, "a name longer than %d bytes", maxNameLen)
+		}
+	}
 	parentRel, base := path.Split(rel)
 	parent, err := t.mkdirAll(strings.TrimSuffix(parentRel, "/"))
 	if err != nil {
@@ -114,6 +122,9 @@ func (t *imageTree) add(l *StagedLayer, tr *tar.Reader, h *tar.Header, opts Impo
 	case tar.TypeReg:
 		return t.addFile(l, tr, h, parent, base, n, opts)
 	case tar.TypeSymlink:
+		if len(h.Linkname) >= unix.PathMax {
+			return unsafeEntry(h.Name, "a symlink target longer than %d bytes", unix.PathMax-1)
+		}
 		n.mode = unix.S_IFLNK | 0o777
 		var err error
 		if n.blkaddr, _, err = t.w.data(strings.NewReader(h.Linkname)); err != nil {

@@ -370,7 +370,14 @@ func (s *Store) extractEntry(l *StagedLayer, tr *tar.Reader, h *tar.Header, root
 		if err := unix.Mkfifoat(parent.fd(), base, mode&0o777); err != nil {
 			return err
 		}
-		return unix.Fchownat(parent.fd(), base, h.Uid, h.Gid, unix.AT_SYMLINK_NOFOLLOW)
+		if err := unix.Fchownat(parent.fd(), base, h.Uid, h.Gid, unix.AT_SYMLINK_NOFOLLOW); err != nil {
+			return err
+		}
+		// Its mode as written (mkfifo applies the umask), and its time.
+		if err := unix.Fchmodat(parent.fd(), base, mode&0o777, 0); err != nil {
+			return err
+		}
+		return unix.UtimesNanoAt(parent.fd(), base, ts, unix.AT_SYMLINK_NOFOLLOW)
 	case tar.TypeChar, tar.TypeBlock:
 		return fmt.Errorf("%w: entry %q: a device file", ErrUnsafeLayer, h.Name)
 	default:

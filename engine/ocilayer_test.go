@@ -36,8 +36,20 @@ func exportChain(t *testing.T, s *Store, k Key) [][]byte {
 // store, give the same content: files, modes, owners, mtimes, symlinks
 // (even ones pointing out of the cache), hard links, a file deleted in a
 // later layer (whiteout) and a directory replaced in a later one (opaque).
-// Writing the same layer twice gives the same bytes.
+// Writing the same layer twice gives the same bytes. Both formats of
+// imported layers hold the same.
 func TestLayerTarRoundTrip(t *testing.T) {
+	forEachFormat(t, testLayerTarRoundTrip)
+}
+
+// forEachFormat runs a test once for each format of imported layers.
+func forEachFormat(t *testing.T, test func(*testing.T, LayerFormat)) {
+	for _, f := range []LayerFormat{LayerFormatDir, LayerFormatImage} {
+		t.Run(string(f), func(t *testing.T) { test(t, f) })
+	}
+}
+
+func testLayerTarRoundTrip(t *testing.T, format LayerFormat) {
 	src, dir := newTestStore(t, Options{})
 	stamp := time.Date(2024, 5, 6, 7, 8, 9, 123456789, time.UTC)
 	commitTree(t, src, testKey, dir, func(mnt string) {
@@ -69,7 +81,7 @@ func TestLayerTarRoundTrip(t *testing.T) {
 		}
 	}
 
-	dst, dir2 := newTestStore(t, Options{})
+	dst, dir2 := newTestStore(t, Options{LayerFormat: format})
 	var staged []*StagedLayer
 	for _, b := range tars {
 		l, err := dst.ImportLayer(bytes.NewReader(b), ImportOptions{MaxBytes: 1 << 20, MaxEntries: 100})
@@ -83,6 +95,13 @@ func TestLayerTarRoundTrip(t *testing.T) {
 		t.Fatalf("publish: %+v, %v", g, err)
 	}
 	assertTree(t, "the imported cache", view(t, dst, testKey, dir2), want)
+	info, err := dst.Inspect(testKey)
+	must(t, err)
+	for _, l := range info.Layers {
+		if l.Format != format {
+			t.Errorf("layer %s kept as %s, want %s", l.ID, l.Format, format)
+		}
+	}
 
 	// Metadata the tree comparison does not see.
 	mnt := filepath.Join(dir2, "check")
@@ -146,7 +165,11 @@ func tarOf(t testing.TB, entries ...entry) []byte {
 // never writes outside its layer, never follows a symlink, never makes a
 // device, never grows past its bounds.
 func TestImportLayerRefusesHostileArchives(t *testing.T) {
-	s, dir := newTestStore(t, Options{})
+	forEachFormat(t, testImportLayerRefusesHostileArchives)
+}
+
+func testImportLayerRefusesHostileArchives(t *testing.T, format LayerFormat) {
+	s, dir := newTestStore(t, Options{LayerFormat: format})
 	outside := filepath.Join(dir, "outside")
 	must(t, os.Mkdir(outside, 0o755))
 	reg := func(name, body string) entry { return entry{h: tar.Header{Name: name}, body: body} }
@@ -170,6 +193,9 @@ func TestImportLayerRefusesHostileArchives(t *testing.T) {
 		{"too large", tarOf(t, reg("big", strings.Repeat("x", 2048))), "more than 1024 bytes"},
 		{"too many entries", tarOf(t, reg("1", ""), reg("2", ""), reg("3", ""), reg("4", ""), reg("5", "")), "more than 4 entries"},
 		{"empty whiteout", tarOf(t, reg(".wh.", "")), "a whiteout of nothing"},
+		{"under a file", tarOf(t, reg("f", "x"), reg("f/g", "y")), "its directory"},
+		{"hard link to itself", tarOf(t, entry{h: tar.Header{Name: "l", Typeflag: tar.TypeLink, Linkname: "l"}}), "hard link"},
+		{"truncated", tarOf(t, reg("f", strings.Repeat("x", 1000)))[:1024], "unexpected EOF"},
 		{"not a tar", []byte(strings.Repeat("garbage!", 200)), "reading the archive"},
 	}
 	for _, tt := range tests {
