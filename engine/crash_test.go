@@ -31,9 +31,28 @@ const (
 
 // crashOps is the child's workload: five commits, a compaction, an import
 // staged before commit 5 (a prefetch under way) and published after it
-// (refused: it is older), a GC, and a commit to another cache from a volume
-// started from this one (a fallback).
-var crashOps = []string{"commit 1", "commit 2", "commit 3", "compact", "commit 4", "stage", "commit 5", "import", "gc", "branch"}
+// (refused: it is older), a GC, a commit to another cache from a volume
+// started from this one (a fallback), then, on a third cache, a pull as an
+// image layer, its mount, a newer pull and the GC that unmounts and
+// removes the first image.
+var crashOps = []string{"commit 1", "commit 2", "commit 3", "compact", "commit 4", "stage", "commit 5", "import", "gc", "branch",
+	"pull 1", "mount", "pull 2", "gc pulled"}
+
+// crashPulled is the cache the pulls go to.
+var crashPulled = Key{Namespace: testKey.Namespace, Name: "pulled"}
+
+// crashPull is pull n: an image layer holding "pulled" = n.
+func crashPull(t testing.TB, s *Store, n int) error {
+	l, err := s.ImportLayer(bytes.NewReader(tarOf(t, entry{h: tar.Header{Name: "pulled"}, body: strconv.Itoa(n)})), ImportOptions{})
+	if err != nil {
+		return err
+	}
+	if !l.image {
+		return errors.New("a pull was not kept as an image")
+	}
+	_, err = s.PublishLayers(crashPulled, []*StagedLayer{l}, PublishOptions{ContentTime: time.Unix(int64(1_700_000_000+n), 0)})
+	return err
+}
 
 // crashBranch is the cache that the last op commits to, from testKey.
 var crashBranch = Key{Namespace: testKey.Namespace, Name: "branch"}
@@ -93,9 +112,14 @@ func TestCrashChild(t *testing.T) {
 			} else if err == nil {
 				err = errors.New("an import older than the head was published")
 			}
+		case strings.HasPrefix(op, "pull "):
+			n, _ := strconv.Atoi(strings.TrimPrefix(op, "pull "))
+			err = crashPull(t, s, n)
+		case op == "mount":
+			_, err = s.MountImageLayers()
 		case op == "compact":
 			_, err = s.Compact(testKey)
-		case op == "gc":
+		case op == "gc", op == "gc pulled":
 			_, err = s.GC()
 		case op == "branch":
 			if _, err = s.CreateVolume("branch", crashBranch, VolumeOptions{Writable: true, From: []Key{testKey}}); err == nil {
@@ -264,6 +288,11 @@ func checkAfterCrash(t *testing.T, root, dir, op string, lastCommit int) {
 	case !treesEqual(branch, tree{}) && !treesEqual(branch, crashBranchContent()):
 		t.Fatalf("after recovery the branch holds %v, want nothing or %v", branch, crashBranchContent())
 	}
+	// The pulls: nothing, or the whole of one of them.
+	pulled := view(t, s, crashPulled, dir)
+	if !treesEqual(pulled, tree{}) && !treesEqual(pulled, tree{"pulled": "1"}) && !treesEqual(pulled, tree{"pulled": "2"}) {
+		t.Fatalf("after recovery the pulled cache holds %v", pulled)
+	}
 	// 3. GC leaves nothing unreferenced.
 	if _, err := s.GC(); err != nil {
 		t.Fatal(err)
@@ -273,6 +302,7 @@ func checkAfterCrash(t *testing.T, root, dir, op string, lastCommit int) {
 		t.Errorf("volumes left after recovery: %d", len(vols))
 	}
 	assertTree(t, "after GC", view(t, s, testKey, dir), got)
+	assertTree(t, "the pulled cache after GC", view(t, s, crashPulled, dir), pulled)
 }
 
 func treesEqual(a, b tree) bool {
