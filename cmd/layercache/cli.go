@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/registry"
 )
 
 const usage = `layercache: copy-on-write layered caches, without Kubernetes.
@@ -36,10 +37,17 @@ Commands:
   gc                                      remove layers and generations nothing uses
   du                                      disk use per cache and per volume
   rm NAMESPACE/NAME                       delete a cache and its data (refused while a volume uses it)
+  push NAMESPACE/NAME REF                 push the cache's head as an OCI image to REF (REGISTRY/PATH:TAG)
+  pull REF NAMESPACE/NAME                 make the image at REF (a tag or @sha256:...) the cache's next
+                                          generation; refused if the cache holds newer content
+      --registry-insecure                 plain HTTP (test registries only)
+      --registry-auth-file FILE           credentials, a .dockerconfigjson file (default: anonymous)
 
 Flags (anywhere on the line):
   --root DIR   the store (default /var/lib/layercache, or $LAYERCACHE_ROOT)
   -o FORMAT    table (default) or json
+  --layer-format auto|erofs|dir
+               how pulled layers are kept (default auto: EROFS images where the kernel mounts them)
 
 Exit codes: 0 success, 1 failure, 2 bad usage or input.
 `
@@ -52,11 +60,13 @@ func (e usageError) Error() string { return e.msg }
 func usagef(format string, args ...any) error { return usageError{fmt.Sprintf(format, args...)} }
 
 type cli struct {
-	root   string
-	output string
-	out    io.Writer
-	store  *engine.Store
-	flags  *flag.FlagSet
+	root        string
+	output      string
+	layerFormat string
+	registry    registry.Config
+	out         io.Writer
+	store       *engine.Store
+	flags       *flag.FlagSet
 }
 
 type command struct {
@@ -64,6 +74,8 @@ type command struct {
 	nargs [2]int // min, max positional arguments
 	flags func(fs *flag.FlagSet)
 	run   func(c *cli, args []string) error
+	// registry: the command talks to a registry (its access flags).
+	registry bool
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
@@ -108,9 +120,11 @@ func commands() map[string]*command {
 			flags: func(fs *flag.FlagSet) {
 				fs.Bool("if-needed", false, "only caches whose chain reached the compaction threshold")
 			}},
-		"gc": {nargs: [2]int{0, 0}, run: (*cli).gc},
-		"du": {nargs: [2]int{0, 0}, run: (*cli).du},
-		"rm": {args: "NAMESPACE/NAME", nargs: [2]int{1, 1}, run: (*cli).rm},
+		"gc":   {nargs: [2]int{0, 0}, run: (*cli).gc},
+		"du":   {nargs: [2]int{0, 0}, run: (*cli).du},
+		"rm":   {args: "NAMESPACE/NAME", nargs: [2]int{1, 1}, run: (*cli).rm},
+		"push": {args: "NAMESPACE/NAME REF", nargs: [2]int{2, 2}, run: (*cli).push, registry: true},
+		"pull": {args: "REF NAMESPACE/NAME", nargs: [2]int{2, 2}, run: (*cli).pull, registry: true},
 	}
 }
 
@@ -142,8 +156,12 @@ func (c *cli) dispatch(args []string) error {
 	}
 	fs.StringVar(&c.root, "root", root, "store directory")
 	fs.StringVar(&c.output, "o", "table", "output format: table or json")
+	fs.StringVar(&c.layerFormat, "layer-format", string(engine.LayerFormatAuto), "how pulled layers are kept")
 	if cmd.flags != nil {
 		cmd.flags(fs)
+	}
+	if cmd.registry {
+		c.registry.BindAccess(fs)
 	}
 	pos, err := parseInterspersed(fs, rest)
 	if err != nil {
@@ -158,7 +176,11 @@ func (c *cli) dispatch(args []string) error {
 	if os.Geteuid() != 0 {
 		return fmt.Errorf("must run as root: the store is root's and overlay mounts need CAP_SYS_ADMIN")
 	}
-	if c.store, err = engine.Open(c.root, engine.Options{}); err != nil {
+	format, err := engine.ParseLayerFormat(c.layerFormat)
+	if err != nil {
+		return usagef("--layer-format: %s", err)
+	}
+	if c.store, err = engine.Open(c.root, engine.Options{LayerFormat: format}); err != nil {
 		return err
 	}
 	c.flags = fs

@@ -314,15 +314,20 @@ func (c *cli) inspect(args []string) error {
 	for _, l := range u.Layers {
 		sizes[l.ID] = l
 	}
+	formats := map[string]engine.LayerFormat{}
+	for _, l := range info.Layers {
+		formats[l.ID] = l.Format
+	}
 	var t [][]string
 	if info.Head != nil {
 		for i := len(info.Head.Layers) - 1; i >= 0; i-- {
-			l := sizes[info.Head.Layers[i]]
-			t = append(t, []string{strconv.Itoa(i), info.Head.Layers[i], humanBytes(l.Bytes), strconv.FormatInt(l.Inodes, 10)})
+			id := info.Head.Layers[i]
+			l := sizes[id]
+			t = append(t, []string{strconv.Itoa(i), id, string(formats[id]), humanBytes(l.Bytes), strconv.FormatInt(l.Inodes, 10)})
 		}
 	}
 	fmt.Fprintln(c.out, "Head layers (top first):")
-	return c.table("  #\tLAYER\tSIZE\tINODES", indent(t))
+	return c.table("  #\tLAYER\tFORMAT\tSIZE\tINODES", indent(t))
 }
 
 func indent(rows [][]string) [][]string {

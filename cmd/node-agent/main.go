@@ -40,6 +40,7 @@ type config struct {
 	sizeCheckInterval          time.Duration
 	maxVolumeInodes            int64
 	diskBudget                 string
+	layerFormat                string
 	registry                   registry.Flags
 }
 
@@ -54,6 +55,7 @@ func (c *config) bind(fs *flag.FlagSet) {
 	fs.DurationVar(&c.maintenanceInterval, "maintenance-interval", 5*time.Minute, "how often GC, orphan removal and the disk budget run")
 	fs.DurationVar(&c.sizeCheckInterval, "volume-size-check-interval", nodeagent.DefaultSizeCheckInterval, "how often each volume's writes are measured against its size (a volume over it is never committed and its pod is deleted)")
 	fs.Int64Var(&c.maxVolumeInodes, "max-volume-inodes", nodeagent.DefaultMaxVolumeInodes, "most files and directories a volume's writes may hold (a volume over it is never committed and its pod is deleted, as for its size)")
+	fs.StringVar(&c.layerFormat, "layer-format", string(engine.LayerFormatAuto), "how pulled layers are kept: erofs (one EROFS image per layer, mounted from the file; Linux 6.12+), dir (extracted into directories), or auto (erofs where the kernel mounts it)")
 	c.registry.BindNode(fs)
 	fs.StringVar(&c.diskBudget, "max-disk-usage", "", "evict least recently used caches when the node's caches use more (e.g. 100Gi; empty for no limit)")
 }
@@ -112,8 +114,15 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	if err != nil {
 		return fmt.Errorf("--registry: %w", err)
 	}
-	store, err := engine.Open(cfg.root, engine.Options{CompactThreshold: cfg.compactThreshold})
+	format, err := engine.ParseLayerFormat(cfg.layerFormat)
 	if err != nil {
+		return fmt.Errorf("--layer-format: %w", err)
+	}
+	store, err := engine.Open(cfg.root, engine.Options{CompactThreshold: cfg.compactThreshold, LayerFormat: format})
+	if err != nil {
+		return err
+	}
+	if err := readyImageLayers(store, format); err != nil {
 		return err
 	}
 	scheme := runtime.NewScheme()
@@ -148,4 +157,28 @@ func run(ctx context.Context, cfg config, restConfig *rest.Config) error {
 	}
 	ctrl.Log.WithName("setup").Info("Starting the node agent", "node", cfg.nodeName, "root", store.Root(), "registry", cfg.registry.Prefix)
 	return mgr.Start(ctx)
+}
+
+// readyImageLayers says once how pulled layers will be kept (and why not
+// as images, where auto fell back), and mounts the image layers on disk
+// before any volume is served.
+func readyImageLayers(store *engine.Store, asked engine.LayerFormat) error {
+	log := ctrl.Log.WithName("setup")
+	format, why := store.ImportFormat()
+	switch {
+	case why != nil && asked == engine.LayerFormatImage:
+		return fmt.Errorf("--layer-format=erofs: %w", why)
+	case why != nil:
+		log.Info("EROFS image layers are not available here: pulled layers are extracted into directories", "reason", why.Error())
+	default:
+		log.Info("Pulled layers are kept as", "layerFormat", format)
+	}
+	n, err := store.MountImageLayers()
+	if err != nil {
+		// Each volume mounts its layers again, or fails to start and
+		// its pod runs uncached: not a reason to serve nothing.
+		log.Error(err, "Mounting image layers")
+	}
+	log.Info("Image layers mounted", "count", n)
+	return nil
 }

@@ -87,6 +87,23 @@ func (c *Client) Repository(k Cache) (name.Repository, error) {
 	return name.NewRepository(c.cfg.Prefix+"/"+k.Namespace+"/"+k.Name, c.opts...)
 }
 
+// ForReference returns a client of cfg's access settings for the registry
+// of ref (an image reference: REGISTRY[:PORT]/PATH[:TAG|@DIGEST]), and
+// ref parsed.
+func ForReference(cfg Config, ref string) (*Client, name.Reference, error) {
+	opts := []name.Option{name.StrictValidation}
+	if cfg.Insecure {
+		opts = append(opts, name.Insecure)
+	}
+	r, err := name.ParseReference(ref, opts...)
+	if err != nil {
+		return nil, nil, fmt.Errorf("image reference %q: %w", ref, err)
+	}
+	cfg.Prefix = r.Context().RegistryStr()
+	c, err := New(cfg)
+	return c, r, err
+}
+
 // RemoteOptions are the options of every request to the registry:
 // transport, credentials, and ctxOpt (the request's context).
 func (c *Client) RemoteOptions(ctxOpt remote.Option) []remote.Option {

@@ -19,8 +19,14 @@ const DefaultPullTimeout = 60 * time.Second
 // deletes a deleted Cache's images there).
 func (f *Flags) Bind(fs *flag.FlagSet) {
 	fs.StringVar(&f.Prefix, "registry", "", "keep caches in this OCI registry, as REGISTRY[:PORT][/PATH]/NAMESPACE/CACHE (empty: caches stay on their nodes)")
-	fs.BoolVar(&f.Insecure, "registry-insecure", false, "talk to the registry over plain HTTP (test registries only)")
-	fs.StringVar(&f.AuthFile, "registry-auth-file", "", "registry credentials: a .dockerconfigjson file, the key of a Secret of type kubernetes.io/dockerconfigjson (empty: anonymous)")
+	f.Config.BindAccess(fs)
+}
+
+// BindAccess registers the flags that say how to reach a registry (the
+// CLI's push and pull take these too).
+func (c *Config) BindAccess(fs *flag.FlagSet) {
+	fs.BoolVar(&c.Insecure, "registry-insecure", false, "talk to the registry over plain HTTP (test registries only)")
+	fs.StringVar(&c.AuthFile, "registry-auth-file", "", "registry credentials: a .dockerconfigjson file, the key of a Secret of type kubernetes.io/dockerconfigjson (empty: anonymous)")
 }
 
 // BindNode registers Bind's flags and the node agent's own.

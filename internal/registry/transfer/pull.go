@@ -63,16 +63,6 @@ type Pulled struct {
 // decompression into extraction and checked against its digest and diff
 // ID. Nothing is published unless every layer checks out.
 func Pull(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
-	res, err := pull(ctx, c, s, k, digest, opts)
-	if errors.Is(err, engine.ErrLayerGone) {
-		// A layer found on the node was collected before the import was
-		// published: once more, fetching it.
-		return pull(ctx, c, s, k, digest, opts)
-	}
-	return res, err
-}
-
-func pull(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, digest string, opts PullOptions) (Pulled, error) {
 	repo, err := c.Repository(registry.Cache(k))
 	if err != nil {
 		return Pulled{}, err
@@ -81,7 +71,35 @@ func pull(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key
 	if err != nil {
 		return Pulled{}, fmt.Errorf("manifest digest %q: %w", digest, err)
 	}
-	ref := repo.Digest(want.String())
+	return PullFrom(ctx, c, s, k, repo.Digest(want.String()), opts)
+}
+
+// PullFrom is Pull of the image ref names, anywhere (the CLI's pull): a
+// tag is resolved to its manifest's digest first.
+func PullFrom(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, ref name.Reference, opts PullOptions) (Pulled, error) {
+	d, ok := ref.(name.Digest)
+	if !ok {
+		desc, err := remote.Head(ref, c.RemoteOptions(remote.WithContext(ctx))...)
+		if err != nil {
+			return Pulled{}, fmt.Errorf("resolving %s: %w", ref, err)
+		}
+		d = ref.Context().Digest(desc.Digest.String())
+	}
+	res, err := pull(ctx, c, s, k, d, opts)
+	if errors.Is(err, engine.ErrLayerGone) {
+		// A layer found on the node was collected before the import was
+		// published: once more, fetching it.
+		return pull(ctx, c, s, k, d, opts)
+	}
+	return res, err
+}
+
+func pull(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, ref name.Digest, opts PullOptions) (Pulled, error) {
+	repo := ref.Context()
+	want, err := v1.NewHash(ref.DigestStr())
+	if err != nil {
+		return Pulled{}, fmt.Errorf("manifest digest %q: %w", ref.DigestStr(), err)
+	}
 	m, cfg, committed, err := fetchManifest(ctx, c, ref, want, opts.Import.MaxBytes)
 	if err != nil {
 		return Pulled{}, err

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -50,6 +51,11 @@ func Push(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key
 	if err != nil {
 		return Pushed{}, err
 	}
+	return PushTo(ctx, c, s, k, g, node, repo.Tag(commitTag(g.Committed().UTC())))
+}
+
+// PushTo is Push to tag, anywhere (the CLI's push).
+func PushTo(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key, g engine.Generation, node string, tag name.Tag) (Pushed, error) {
 	if len(g.Layers) == 0 {
 		return Pushed{}, fmt.Errorf("generation %d of %s has no layers", g.Number, k)
 	}
@@ -64,6 +70,7 @@ func Push(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key
 		adds[i] = mutate.Addendum{Layer: layers[i], MediaType: layerMediaType}
 	}
 	committed := g.Committed().UTC()
+	var err error
 	img := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
 	if img, err = mutate.Append(img, adds...); err != nil {
 		return Pushed{}, err
@@ -78,9 +85,9 @@ func Push(ctx context.Context, c *registry.Client, s *engine.Store, k engine.Key
 	if err != nil {
 		return Pushed{}, err
 	}
-	p := Pushed{Digest: digest.String(), Tag: commitTag(committed), Layers: len(layers)}
-	if err := remote.Write(repo.Tag(p.Tag), img, c.RemoteOptions(remote.WithContext(ctx))...); err != nil {
-		return p, fmt.Errorf("pushing %s to %s: %w", k, repo, err)
+	p := Pushed{Digest: digest.String(), Tag: tag.TagStr(), Layers: len(layers)}
+	if err := remote.Write(tag, img, c.RemoteOptions(remote.WithContext(ctx))...); err != nil {
+		return p, fmt.Errorf("pushing %s to %s: %w", k, tag.Context(), err)
 	}
 	for _, l := range layers {
 		if n := l.sent.Load(); n > 0 {
