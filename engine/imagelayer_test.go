@@ -7,6 +7,7 @@ import (
 	"maps"
 	"os"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -51,7 +52,7 @@ func erofsMountsBelow(t testing.TB, dir string) int {
 	must(t, err)
 	n := 0
 	for _, m := range mounts {
-		if m.FSType == "erofs" && filepath.HasPrefix(m.MountPoint, dir+"/") {
+		if m.FSType == "erofs" && strings.HasPrefix(m.MountPoint, dir+"/") {
 			n++
 		}
 	}

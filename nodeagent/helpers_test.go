@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"golang.org/x/sys/unix"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/layercache/layercache/api/v1alpha1"
 	"github.com/layercache/layercache/engine"
+	"github.com/layercache/layercache/internal/testenv"
 )
 
 func requireRoot(t *testing.T) {
@@ -35,15 +35,7 @@ func newStore(t *testing.T) (*engine.Store, string) {
 	t.Helper()
 	requireRoot(t)
 	dir := t.TempDir()
-	t.Cleanup(func() {
-		data, _ := os.ReadFile("/proc/self/mountinfo")
-		lines := strings.Split(string(data), "\n")
-		for i := len(lines) - 1; i >= 0; i-- {
-			if f := strings.Fields(lines[i]); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
-				unix.Unmount(f[4], unix.MNT_DETACH)
-			}
-		}
-	})
+	testenv.UnmountBelow(t, dir)
 	s, err := engine.Open(filepath.Join(dir, "store"), engine.Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -7,8 +7,6 @@ import (
 	"strings"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/layercache/layercache/engine"
 	"github.com/layercache/layercache/internal/testenv"
 )
@@ -22,7 +20,7 @@ func TestCLIPushAndPull(t *testing.T) {
 	reg := testenv.StartRegistry(t)
 	dir := t.TempDir()
 	src, mnt := filepath.Join(dir, "src"), filepath.Join(dir, "mnt")
-	t.Cleanup(func() { unmountBelow(t, dir) }) // the volumes, and the stores' image layers
+	testenv.UnmountBelow(t, dir) // the volumes, and the stores' image layers
 	if r := lc(t, src, "mount", "ci/demo", mnt, "--write"); r.code != 0 {
 		t.Fatalf("mount: %+v", r)
 	}
@@ -74,22 +72,5 @@ func must(t *testing.T, err error) {
 	t.Helper()
 	if err != nil {
 		t.Fatal(err)
-	}
-}
-
-// unmountBelow unmounts everything mounted below dir, deepest first.
-func unmountBelow(t *testing.T, dir string) {
-	data, err := os.ReadFile("/proc/self/mounts")
-	if err != nil {
-		t.Error(err)
-		return
-	}
-	lines := strings.Split(string(data), "\n")
-	for i := len(lines) - 1; i >= 0; i-- {
-		if f := strings.Fields(lines[i]); len(f) > 1 && strings.HasPrefix(f[1], dir+"/") {
-			if err := unix.Unmount(f[1], unix.MNT_DETACH); err != nil {
-				t.Errorf("cleanup: unmounting %s: %v", f[1], err)
-			}
-		}
 	}
 }

@@ -9,7 +9,10 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
@@ -138,4 +141,26 @@ func RunManager(t testing.TB, mgr manager.Manager) context.Context {
 		}
 	})
 	return ctx
+}
+
+// UnmountBelow unmounts, when the test ends, whatever is still mounted
+// below dir, deepest first: volumes, and a store's image layers, which
+// stay mounted while the store exists. Register it after dir was made,
+// so that it runs before dir is removed.
+func UnmountBelow(t testing.TB, dir string) {
+	t.Cleanup(func() {
+		data, err := os.ReadFile("/proc/self/mountinfo")
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		lines := strings.Split(string(data), "\n")
+		for i := len(lines) - 1; i >= 0; i-- {
+			if f := strings.Fields(lines[i]); len(f) > 4 && strings.HasPrefix(f[4], dir+"/") {
+				if err := unix.Unmount(f[4], unix.MNT_DETACH); err != nil {
+					t.Errorf("cleanup: unmounting %s: %v", f[4], err)
+				}
+			}
+		}
+	})
 }

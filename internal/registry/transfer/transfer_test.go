@@ -41,7 +41,9 @@ func requireRoot(t *testing.T) {
 
 func newStore(t *testing.T) *engine.Store {
 	t.Helper()
-	s, err := engine.Open(filepath.Join(t.TempDir(), "store"), engine.Options{})
+	dir := t.TempDir()
+	testenv.UnmountBelow(t, dir)
+	s, err := engine.Open(filepath.Join(dir, "store"), engine.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -549,6 +551,7 @@ func TestStagingOnAFullDiskIsNotCorruption(t *testing.T) {
 	small := t.TempDir()
 	must(t, unix.Mount("tmpfs", small, "tmpfs", 0, "size=512k"))
 	t.Cleanup(func() { _ = unix.Unmount(small, unix.MNT_DETACH) })
+	testenv.UnmountBelow(t, small)
 	b, err := engine.Open(filepath.Join(small, "store"), engine.Options{})
 	must(t, err)
 	_, err = Pull(ctx, c, b, key, p.Digest, PullOptions{})
