@@ -7,7 +7,9 @@
 //	  caches/NAMESPACE/NAME/
 //	    HEAD                     current generation, replaced by one rename
 //	    generations/NNNNNNNNNNNN.json   ordered layer list (bottom first)
-//	    layers/ID/               immutable directory trees
+//	    layers/ID/               immutable directory trees (commits, compactions),
+//	                             or an image layer's mount point
+//	    layers/ID.erofs          an image layer (a pull): one EROFS image, mounted on layers/ID
 //	    digests/ID.json          a layer's OCI blob digests, computed once
 //	    LAST_USED                its mtime: when a volume last started from it
 //	    PUSHED                   what was last pushed (by generation identity)
@@ -25,8 +27,12 @@
 // upper dir into the cache's layers and moves HEAD to a new generation (the
 // volume's base layers plus the new one): last writer wins, and readers that
 // started earlier keep their snapshot. Compaction merges a long chain into a
-// single layer off the commit path; GC removes what no generation, volume or
-// live mount references.
+// single layer off the commit path (image layers at its bottom stay as they
+// are); GC removes what no generation, volume or live mount references.
+//
+// An imported layer is, where the kernel mounts EROFS from a file, one image
+// file written in one pass from the layer's tar (erofs.go, imagelayer.go),
+// mounted read-only before anything reads it (imagemount.go).
 //
 // Several processes may share one store: every change to a cache happens
 // under that cache's flock, and each operation checks its own precondition
