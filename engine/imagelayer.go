@@ -50,22 +50,10 @@ func (s *Store) extractImage(l *StagedLayer, r io.Reader, opts ImportOptions) er
 	}
 	t := &imageTree{w: w, now: time.Now()}
 	t.root = t.implicitDir(nil)
-	tr := tar.NewReader(r)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("%w: reading the archive: %v", ErrUnsafeLayer, err)
-		}
-		l.Entries++
-		if opts.MaxEntries > 0 && l.Entries > opts.MaxEntries {
-			return unsafeEntry(h.Name, "more than %d entries", opts.MaxEntries)
-		}
-		if err := t.add(l, tr, h, opts); err != nil {
-			return err
-		}
+	if err := eachEntry(r, l, opts, func(tr *tar.Reader, h *tar.Header) error {
+		return t.add(l, tr, h, opts)
+	}); err != nil {
+		return err
 	}
 	failpoint("import/image-data-written")
 	return w.finish(t.root)

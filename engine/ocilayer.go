@@ -262,6 +262,28 @@ func (s *Store) StageFile(kind string) (f *os.File, done func(), err error) {
 	return f, func() { f.Close(); t.done(s) }, nil
 }
 
+// eachEntry calls fn with each entry of the tar r, counting them in l
+// against opts.MaxEntries; an archive that cannot be read is unsafe.
+func eachEntry(r io.Reader, l *StagedLayer, opts ImportOptions, fn func(*tar.Reader, *tar.Header) error) error {
+	tr := tar.NewReader(r)
+	for {
+		h, err := tr.Next()
+		if err == io.EOF {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("%w: reading the archive: %v", ErrUnsafeLayer, err)
+		}
+		l.Entries++
+		if opts.MaxEntries > 0 && l.Entries > opts.MaxEntries {
+			return unsafeEntry(h.Name, "more than %d entries", opts.MaxEntries)
+		}
+		if err := fn(tr, h); err != nil {
+			return err
+		}
+	}
+}
+
 type dirTimes struct {
 	rel string
 	ts  []unix.Timespec
@@ -276,43 +298,30 @@ func (s *Store) extract(l *StagedLayer, r io.Reader, opts ImportOptions) error {
 		return err
 	}
 	defer root.Close()
-	unsafe := func(name, format string, args ...any) error {
-		return fmt.Errorf("%w: entry %q: %s", ErrUnsafeLayer, name, fmt.Sprintf(format, args...))
-	}
+
 	var dirs []dirTimes
-	tr := tar.NewReader(r)
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			return fmt.Errorf("%w: reading the archive: %v", ErrUnsafeLayer, err)
-		}
-		l.Entries++
-		if opts.MaxEntries > 0 && l.Entries > opts.MaxEntries {
-			return unsafe(h.Name, "more than %d entries", opts.MaxEntries)
-		}
+	err = eachEntry(r, l, opts, func(tr *tar.Reader, h *tar.Header) error {
 		rel, err := cleanLayerPath(h.Name)
 		if err != nil {
-			return unsafe(h.Name, "%v", err)
+			return unsafeEntry(h.Name, "%v", err)
 		}
 		if rel == "." {
-			continue // the layer's root: ours
+			return nil // the layer's root: ours
 		}
 		parentRel, base := path.Split(rel)
 		parent, err := mkdirAllBeneath(root, strings.TrimSuffix(parentRel, "/"))
 		if err != nil {
-			return unsafe(h.Name, "its directory: %v", err)
+			return unsafeEntry(h.Name, "its directory: %v", err)
 		}
 		err = s.extractEntry(l, tr, h, root, parent, rel, base, opts, &dirs)
 		parent.Close()
-		if err != nil {
-			if errors.Is(err, ErrUnsafeLayer) {
-				return err
-			}
-			return unsafe(h.Name, "%v", err)
+		if err != nil && !errors.Is(err, ErrUnsafeLayer) {
+			return unsafeEntry(h.Name, "%v", err)
 		}
+		return err
+	})
+	if err != nil {
+		return err
 	}
 	// Directories' times last, deepest first: their entries changed them.
 	for i := len(dirs) - 1; i >= 0; i-- {
