@@ -141,21 +141,30 @@ func (s *Store) layerExists(k Key, id string) (bool, error) {
 // namespace: an agent restarted). An unmounted image's mount point is an
 // empty directory, so nothing may read a layer but through this.
 func (s *Store) readyLayer(k Key, id string) (string, error) {
-	dir := s.layerPath(k, id)
+	if _, err := s.mountLayer(k, id); err != nil {
+		return "", err
+	}
+	return s.layerPath(k, id), nil
+}
+
+// mountLayer mounts layer id of k if it is an image not mounted yet, and
+// says whether it did.
+func (s *Store) mountLayer(k Key, id string) (bool, error) {
 	image, err := s.isImageLayer(k, id)
 	if err != nil || !image {
-		return dir, err
+		return false, err
 	}
+	dir := s.layerPath(k, id)
 	s.imageMu.Lock()
 	defer s.imageMu.Unlock()
 	if mounted, err := isImageMount(dir); err != nil || mounted {
-		return dir, err
+		return false, err
 	}
 	if err := mountImage(s.imagePath(k, id), dir); err != nil {
-		return "", fmt.Errorf("layer %s of %s: %w", id, k, err)
+		return false, fmt.Errorf("layer %s of %s: %w", id, k, err)
 	}
 	failpoint("image/mounted")
-	return dir, nil
+	return true, nil
 }
 
 // layerIDs lists the layers in cache k's layers directory, in either
@@ -217,11 +226,9 @@ func (s *Store) MountImageLayers() (int, error) {
 			continue
 		}
 		for _, id := range ids {
-			dir := s.layerPath(k, id)
-			before, _ := isImageMount(dir)
-			if _, err := s.readyLayer(k, id); err != nil {
+			if mounted, err := s.mountLayer(k, id); err != nil {
 				errs = append(errs, err)
-			} else if after, _ := isImageMount(dir); after && !before {
+			} else if mounted {
 				n++
 			}
 		}
