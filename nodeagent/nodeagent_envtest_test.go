@@ -63,7 +63,7 @@ func startNodeWith(t *testing.T, set func(*Options)) *nodeSuite {
 	if err != nil {
 		t.Fatal(err)
 	}
-	opts := Options{NodeName: "node-a", Store: store, MaintenanceInterval: time.Hour, SizeCheckInterval: time.Hour}
+	opts := Options{NodeName: "node-a", Store: store, MaintenanceInterval: time.Hour, SizeCheckInterval: time.Hour, Reports: NewReports("node-a")}
 	set(&opts)
 	if err := Setup(mgr, opts); err != nil {
 		t.Fatal(err)
@@ -71,7 +71,8 @@ func startNodeWith(t *testing.T, set func(*Options)) *nodeSuite {
 	ctx := testenv.RunManager(t, mgr)
 	rec := mgr.GetEventRecorderFor("test")
 	return &nodeSuite{t: t, ctx: ctx, c: env.Client, store: store, dir: dir, driver: &Driver{Store: store, NodeName: "node-a"}, rec: rec, cfg: env.Config,
-		maint: &Maintenance{APIReader: env.Client, Client: env.Client, Recorder: rec, NodeName: "node-a", Store: store, Interval: time.Hour, OrphanGrace: time.Nanosecond}}
+		maint: &Maintenance{APIReader: env.Client, Client: env.Client, Recorder: rec, NodeName: "node-a", Store: store, Interval: time.Hour, OrphanGrace: time.Nanosecond,
+			Reports: opts.Reports}}
 }
 
 func (s *nodeSuite) namespace() string {

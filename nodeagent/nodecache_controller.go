@@ -87,7 +87,7 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return r.reconcileDelete(ctx, nc, key, here)
 	case !here && nc == nil:
 		return ctrl.Result{}, nil
-	case !here && nc.Spec.Registry != nil:
+	case !here && prefetchOnly(nc):
 		// The manager made it for a Cache that every node prefetches: the
 		// RegistrySyncer brings it down. An agent without a registry keeps
 		// it too (empty), or the manager would make it again, and again.
@@ -107,6 +107,15 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return r.reconcileTTL(ctx, nc, key, info)
 	}
 	return ctrl.Result{}, r.report(ctx, nc, key, info)
+}
+
+// prefetchOnly tells whether the manager made nc only for the node to
+// prefetch the Cache's image (prefetch: AllNodes), never granting a commit
+// here. Every other NodeCache gets the image too, but for a node that
+// holds the cache: once the data is gone here (evicted, deleted), it is
+// withdrawn and not pulled back.
+func prefetchOnly(nc *v1alpha1.NodeCache) bool {
+	return nc.Spec.Registry != nil && nc.Spec.CommitGranted == nil
 }
 
 // reconcileDelete deletes the cache's data here (once no volume uses it),

@@ -113,7 +113,10 @@ func (s *RegistrySyncer) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.
 			return ctrl.Result{}, err
 		}
 	}
-	if want := nc.Spec.Registry; want != nil && behind(info.Head, want) {
+	// A node that holds the cache keeps up with it; one that holds none
+	// pulls only for a prefetch: the data of a granted NodeCache is gone
+	// because it was evicted or deleted here, and stays gone.
+	if want := nc.Spec.Registry; want != nil && behind(info.Head, want) && (info.Head != nil || prefetchOnly(nc)) {
 		ctx, cancel := context.WithTimeout(ctx, prefetchTimeout)
 		defer cancel()
 		return ctrl.Result{}, s.pull(ctx, "prefetch", key, cache, want)
