@@ -86,7 +86,7 @@ spec:
       workspace: gocache
 `
 
-// tektonPipelineRun is the README's recipe: the labels and the annotation go
+// tektonPipelineRun is docs/build-pods.md's recipe: the labels and the annotation go
 // to the build task's pod only, through taskRunSpecs[].metadata.
 const tektonPipelineRun = `
 apiVersion: tekton.dev/v1
