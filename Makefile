@@ -50,6 +50,7 @@ manifests: $(CONTROLLER_GEN) ## Generate the CRDs and the ClusterRoles of the ma
 		output:crd:artifacts:config=config/crd/bases
 	$(CONTROLLER_GEN) rbac:roleName=layercache-node-agent-role paths="./nodeagent/..." output:rbac:artifacts:config=config/node-agent
 	cp config/crd/bases/*.yaml dist/chart/crds/
+	$(GO) test ./internal/docs -run TestAPIPageIsGenerated -update
 
 .PHONY: generate
 generate: $(CONTROLLER_GEN) ## Generate the DeepCopy methods of the API types.
@@ -57,9 +58,9 @@ generate: $(CONTROLLER_GEN) ## Generate the DeepCopy methods of the API types.
 
 .PHONY: check-generated
 check-generated: $(CONTROLLER_GEN) ## Fail if the generated files are not what the sources generate.
-	@before=$$(mktemp -d); trap 'rm -rf "$$before"' EXIT; cp -a api config dist "$$before"/; \
+	@before=$$(mktemp -d); trap 'rm -rf "$$before"' EXIT; cp -a api config dist docs "$$before"/; \
 	$(MAKE) -s generate manifests; \
-	if ! diff -r "$$before/api" api || ! diff -r "$$before/config" config || ! diff -r "$$before/dist" dist; then \
+	if ! diff -r "$$before/api" api || ! diff -r "$$before/config" config || ! diff -r "$$before/dist" dist || ! diff -r "$$before/docs" docs; then \
 		echo "generated files were out of date (now regenerated): review and commit them"; exit 1; fi
 
 .PHONY: fmt

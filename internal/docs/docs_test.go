@@ -1,13 +1,18 @@
 // Package docs checks the project's Markdown: every relative link leads to
-// a file that exists, every #anchor to a heading of its page, and every
-// page of docs/ is reachable from the index, docs/README.md.
+// a file that exists, every #anchor to a heading of its page, every page
+// of docs/ is reachable from the index, docs/README.md, and the reference
+// names every key of the API.
 package docs
 
 import (
 	"bufio"
+	"go/ast"
+	"go/parser"
+	"go/token"
 	"os"
 	"path/filepath"
 	"regexp"
+	"strconv"
 	"strings"
 	"testing"
 	"unicode"
@@ -167,4 +172,65 @@ func rel(p string) string {
 		return p
 	}
 	return r
+}
+
+// Every label, annotation, finalizer and PV attribute that api/v1alpha1
+// names (a string constant "layercache.io/...") is in the reference page.
+func TestReferenceNamesEveryKey(t *testing.T) {
+	b, err := os.ReadFile(filepath.Join(root, "docs", "reference.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref := string(b)
+	keys := apiKeys(t)
+	if len(keys) < 10 {
+		t.Fatalf("found only %d keys in api/v1alpha1: %v", len(keys), keys)
+	}
+	for name, key := range keys {
+		if !strings.Contains(ref, "`"+key+"`") {
+			t.Errorf("docs/reference.md does not name %s (v1alpha1.%s)", key, name)
+		}
+	}
+}
+
+// apiKeys returns the string constants of api/v1alpha1 that are keys of
+// layercache's own ("layercache.io/NAME"), by constant name. A prefix
+// (ending in "-") is not a key.
+func apiKeys(t *testing.T) map[string]string {
+	t.Helper()
+	fset := token.NewFileSet()
+	files, err := filepath.Glob(filepath.Join(root, "api", "v1alpha1", "*.go"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	keys := map[string]string{}
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		file, err := parser.ParseFile(fset, f, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range file.Decls {
+			g, ok := d.(*ast.GenDecl)
+			if !ok || g.Tok != token.CONST {
+				continue
+			}
+			for _, spec := range g.Specs {
+				vs := spec.(*ast.ValueSpec)
+				for i, v := range vs.Values {
+					lit, ok := v.(*ast.BasicLit)
+					if !ok || lit.Kind != token.STRING {
+						continue
+					}
+					s, err := strconv.Unquote(lit.Value)
+					if err == nil && strings.HasPrefix(s, "layercache.io/") && !strings.HasSuffix(s, "-") && !strings.Contains(s, "/v1") {
+						keys[vs.Names[i].Name] = s
+					}
+				}
+			}
+		}
+	}
+	return keys
 }
