@@ -29,7 +29,7 @@ var link = regexp.MustCompile(`\]\(([^)\s]+)\)`)
 func pages(t *testing.T) []string {
 	t.Helper()
 	out := []string{filepath.Join(root, "README.md")}
-	for _, glob := range []string{"docs/*.md", "dist/chart/*.md"} {
+	for _, glob := range []string{"docs/*.md", "docs/decisions/*.md", "dist/chart/*.md"} {
 		m, err := filepath.Glob(filepath.Join(root, glob))
 		if err != nil {
 			t.Fatal(err)
@@ -149,8 +149,12 @@ func TestEveryPageIsInTheIndex(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	for _, p := range m {
-		name := filepath.Base(p)
+	d, err := filepath.Glob(filepath.Join(root, "docs", "decisions", "*.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range append(m, d...) {
+		name, _ := filepath.Rel(filepath.Join(root, "docs"), p)
 		if name != "README.md" && !contains(fromIndex, name) {
 			t.Errorf("docs/README.md does not link %s", name)
 		}
