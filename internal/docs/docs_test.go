@@ -24,12 +24,12 @@ const root = "../.."
 // link matches an inline Markdown link's target: [text](target).
 var link = regexp.MustCompile(`\]\(([^)\s]+)\)`)
 
-// pages lists the Markdown files a reader is sent to: the README, docs/
+// pages lists the Markdown files a reader is sent to: the top level, docs/
 // and the chart's.
 func pages(t *testing.T) []string {
 	t.Helper()
-	out := []string{filepath.Join(root, "README.md")}
-	for _, glob := range []string{"docs/*.md", "docs/decisions/*.md", "dist/chart/*.md"} {
+	var out []string
+	for _, glob := range []string{"*.md", "docs/*.md", "docs/decisions/*.md", "dist/chart/*.md"} {
 		m, err := filepath.Glob(filepath.Join(root, glob))
 		if err != nil {
 			t.Fatal(err)
