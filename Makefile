@@ -77,12 +77,15 @@ lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 		while read -r f; do [ -f "$$f" ] && echo "$$f"; done)); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed on: $$unformatted"; exit 1; fi
 	$(STATICCHECK) -tags e2e,extended ./...
+	@[ -x $(BIN)/actionlint ] || hack/actionlint/build.sh $(BIN)
+	$(BIN)/actionlint .github/workflows/*.yml
 
 .PHONY: test
 test: lint check-generated envtest-assets registry-bin helm-bin chart-lint test-e2e ## Run every test (as root: overlays, a real cluster, a real registry).
 	@rc=0; KUBEBUILDER_ASSETS=$(ENVTEST_ASSETS) $(GO) test -race -count=1 ./... || rc=$$?; \
 	hack/reap-envtest.sh; exit $$rc
 	$(GO) test -run '^$$' -fuzz FuzzImageLayer -fuzztime 20s ./engine/
+	cd hack/release && $(GO) vet ./... && $(GO) test -count=1 ./...
 
 .PHONY: test-extended
 test-extended: ## The extended e2e tests: the Helm chart installed, upgraded, uninstalled; a real Tekton pipeline with a cached workspace; nested podman in a cache (root; CI runs it after make test).
@@ -188,6 +191,10 @@ deploy-local: ## Install layercache without cert-manager (config/local) on the r
 .PHONY: undeploy-local
 undeploy-local: ## Remove what deploy-local installed.
 	$(KUBECTL) --kubeconfig /var/lib/layercache-cluster/admin.kubeconfig delete -k config/local --ignore-not-found
+
+.PHONY: release
+release: ## Build and push a release: VERSION=vX.Y.Z REGISTRY=HOST/PREFIX (REGISTRY_INSECURE=true, REGISTRY_AUTH_FILE=config.json): multi-arch images by digest with SBOMs, dist/release/install.yaml, the chart pushed to oci://REGISTRY/charts, SHA256SUMS.
+	VERSION=$(VERSION) REGISTRY=$(REGISTRY) hack/release.sh
 
 .PHONY: build-installer
 build-installer: ## Render config/default into dist/install.yaml (one file to apply).

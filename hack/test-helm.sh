@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# The Helm chart on the running local cluster, with the real helm
-# (bin/helm): install layercache from dist/chart (built-in certificates),
-# run the build-cache story, upgrade with changed values, run it again,
-# uninstall, and check that nothing of the release is left but its CRDs
-# (Helm never deletes what a chart's crds/ installed). hack/test-extended.sh
-# runs it before it installs config/local for its other tests.
+# A newcomer's install on the running local cluster (1 node), with the
+# real helm (bin/helm): `make release` into a registry on the host
+# (HOST_REGISTRY, CNCF Distribution), `helm install` of the released chart
+# from oci:// (built-in certificates) whose images the node pulls from
+# that registry by digest, the build-cache story, an upgrade with changed
+# values, the story again, and an uninstall that leaves nothing of the
+# release but its CRDs (Helm never deletes what a chart's crds/ installed).
+# hack/test-extended.sh runs it before it installs config/local for its
+# other tests.
 set -euo pipefail
 . "$(dirname "$0")/cluster/lib.sh"
 cd "$REPO_ROOT"
@@ -17,17 +20,37 @@ story() { # the e2e tests that tell the story, against what Helm installed
 }
 e2e_namespaces_gone() { ! kubectl_ get namespaces -o name | grep -q '^namespace/e2e-'; }
 
-hack/images/build.sh >/dev/null
-hack/images/import.sh
+[ "${NODES:-1}" = 1 ] || die "the release is pushed to a registry on node 1's loopback: run with NODES=1"
+[ -x bin/registry ] || hack/registry/build.sh bin
+regdir=$(mktemp -d)
+printf 'version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: %s\n  delete:\n    enabled: true\nhttp:\n  addr: %s\n  secret: test-helm\n' \
+  "$regdir/data" "$HOST_REGISTRY" > "$regdir/config.yml"
+bin/registry serve "$regdir/config.yml" > "$regdir/log" 2>&1 &
+regpid=$!
+trap 'kill "$regpid" 2>/dev/null; wait "$regpid" 2>/dev/null || true; rm -rf "$regdir"' EXIT
+wait_for "the host's registry" 30 curl -fsS -o /dev/null "http://$HOST_REGISTRY/v2/"
+
+version=v0.0.0-ci
 start=$SECONDS
-log "helm install"
-helm_ install layercache dist/chart --namespace "$ns" --create-namespace \
+log "make release VERSION=$version REGISTRY=$HOST_REGISTRY/layercache"
+VERSION=$version REGISTRY=$HOST_REGISTRY/layercache REGISTRY_INSECURE=true hack/release.sh
+log "released in $((SECONDS - start))s"
+hack/images/build.sh >/dev/null # busybox, for the story's pods
+hack/images/import.sh
+chart=(oci://$HOST_REGISTRY/layercache/charts/layercache --version "${version#v}" --plain-http)
+start=$SECONDS
+log "helm install ${chart[*]}"
+helm_ install layercache "${chart[@]}" --namespace "$ns" --create-namespace \
   --set certificates.mode=builtin --wait --timeout 5m
+for obj in deployment/layercache-controller-manager daemonset/layercache-node-agent; do
+  image=$(kubectl_ -n "$ns" get "$obj" -o jsonpath='{.spec.template.spec.containers[0].image}')
+  grep -q " $image\$" dist/release/images.txt || die "$obj runs $image, not an image of the release (dist/release/images.txt)"
+done
 wait_webhook
 story
 
 log "helm upgrade: 1 manager replica, a disk budget"
-helm_ upgrade layercache dist/chart --namespace "$ns" --reuse-values \
+helm_ upgrade layercache "${chart[@]}" --namespace "$ns" --reuse-values \
   --set manager.replicas=1 --set nodeAgent.maxDiskUsage=50Gi --wait --timeout 5m
 kubectl_ -n "$ns" rollout status daemonset/layercache-node-agent --timeout=180s >/dev/null
 args=$(kubectl_ -n "$ns" get daemonset layercache-node-agent -o jsonpath='{.spec.template.spec.containers[0].args}')

@@ -31,6 +31,10 @@ NODES=${NODES:-}
 NODES_BRIDGE=lcnodes
 NODES_NET=10.87.0
 NODES_STATE=$STATE/nodes
+# HOST_REGISTRY is a registry on node 1's loopback that its containerd
+# pulls from over plain HTTP: where hack/test-helm.sh releases the images
+# that the chart installs (a newcomer's path: nothing imported by hand).
+HOST_REGISTRY=127.0.0.1:5001
 # The node count the running cluster was started with (1 if none).
 cluster_nodes() { cat "$STATE/nodes-count" 2>/dev/null || echo 1; }
 node_dir() { echo "$NODES_STATE/node$1"; }
@@ -116,6 +120,14 @@ state = "$1/state"
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = "/usr/lib/cni"
     conf_dir = "$3"
+  [plugins."io.containerd.grpc.v1.cri".registry]
+    config_path = "$1/certs.d"
+EOT
+  mkdir -p "$1/certs.d/$HOST_REGISTRY"
+  cat > "$1/certs.d/$HOST_REGISTRY/hosts.toml" <<EOT
+server = "http://$HOST_REGISTRY"
+[host."http://$HOST_REGISTRY"]
+  capabilities = ["pull", "resolve"]
 EOT
 }
 

@@ -6,7 +6,7 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
 {{- define "layercache.image" -}}
-{{ .repository }}:{{ .tag }}
+{{ .repository }}{{ if .digest }}@{{ .digest }}{{ else }}:{{ .tag }}{{ end }}
 {{- end -}}
 
 {{/* The registry flags, shared by the manager and the node agent. */}}
