@@ -87,7 +87,7 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 		return r.reconcileDelete(ctx, nc, key, here)
 	case !here && nc == nil:
 		return ctrl.Result{}, nil
-	case !here && prefetchOnly(nc):
+	case !here && nc.Spec.Registry != nil && r.everyNodePrefetches(ctx, nc):
 		// The manager made it for a Cache that every node prefetches: the
 		// RegistrySyncer brings it down. An agent without a registry keeps
 		// it too (empty), or the manager would make it again, and again.
@@ -109,13 +109,17 @@ func (r *NodeCacheReconciler) Reconcile(ctx context.Context, req ctrl.Request) (
 	return ctrl.Result{}, r.report(ctx, nc, key, info)
 }
 
-// prefetchOnly tells whether the manager made nc only for the node to
-// prefetch the Cache's image (prefetch: AllNodes), never granting a commit
-// here. Every other NodeCache gets the image too, but for a node that
-// holds the cache: once the data is gone here (evicted, deleted), it is
-// withdrawn and not pulled back.
-func prefetchOnly(nc *v1alpha1.NodeCache) bool {
-	return nc.Spec.Registry != nil && nc.Spec.CommitGranted == nil
+// everyNodePrefetches tells whether nc's Cache asks every node to hold it
+// (prefetch: AllNodes). Every NodeCache gets the Cache's image, but
+// otherwise for a node that holds the cache: once the data is gone here
+// (evicted, deleted), the NodeCache is withdrawn and nothing is pulled
+// back. On an error reading the Cache, it is kept, and asked again.
+func (r *NodeCacheReconciler) everyNodePrefetches(ctx context.Context, nc *v1alpha1.NodeCache) bool {
+	cache := &v1alpha1.Cache{}
+	if err := r.Get(ctx, client.ObjectKey{Namespace: nc.Namespace, Name: nc.Spec.Cache}, cache); err != nil {
+		return !apierrors.IsNotFound(err)
+	}
+	return cache.Spec.Prefetch == v1alpha1.PrefetchAllNodes
 }
 
 // reconcileDelete deletes the cache's data here (once no volume uses it),

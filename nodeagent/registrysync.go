@@ -114,9 +114,9 @@ func (s *RegistrySyncer) Reconcile(ctx context.Context, req ctrl.Request) (ctrl.
 		}
 	}
 	// A node that holds the cache keeps up with it; one that holds none
-	// pulls only for a prefetch: the data of a granted NodeCache is gone
+	// pulls only when every node is to hold it: otherwise its data is gone
 	// because it was evicted or deleted here, and stays gone.
-	if want := nc.Spec.Registry; want != nil && behind(info.Head, want) && (info.Head != nil || prefetchOnly(nc)) {
+	if want := nc.Spec.Registry; want != nil && behind(info.Head, want) && (info.Head != nil || cache.Spec.Prefetch == v1alpha1.PrefetchAllNodes) {
 		ctx, cancel := context.WithTimeout(ctx, prefetchTimeout)
 		defer cancel()
 		return ctrl.Result{}, s.pull(ctx, "prefetch", key, cache, want)

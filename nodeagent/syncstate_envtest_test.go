@@ -276,29 +276,42 @@ func ptr[T any](v T) *T { return &v }
 
 // A cache evicted for the disk budget stays evicted: its NodeCache is
 // withdrawn (the node no longer says it holds the cache) and the node does
-// not pull it back in the background.
-// Before, a NodeCache holding the Cache's registry image was kept, with its
-// old status, and the agent prefetched what it had just evicted.
+// not pull it back in the background, whether the manager granted the
+// node a commit or the node only pulled the cache for a build (its
+// NodeCache made by the agent, never granted). Before, a NodeCache holding
+// the Cache's registry image was kept, with its old status, and the agent
+// prefetched what it had just evicted.
 func TestAnEvictedCacheIsNotPulledBack(t *testing.T) {
 	s, _ := startNodeAndManagerWithRegistry(t)
-	ns := s.namespace()
-	key := engine.Key{Namespace: ns, Name: "evicted"}
-	pv := s.pv("pvc-b1", attrs(ns, "evicted", true))
-	s.build(pv, map[string]string{"f": "1"}, false)
-	s.release(pv, "Succeeded", false)
-	s.pvGone(pv)
-	first := s.registryImage(ns, "evicted", "the push", func(*v1alpha1.RegistryImage) bool { return true })
-	nc := &v1alpha1.NodeCache{}
-	ncKey := client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("evicted", "node-a")}
-	s.eventually("the manager to copy the image to the NodeCache", func() bool {
-		return s.c.Get(s.ctx, ncKey, nc) == nil && nc.Spec.Registry != nil && nc.Spec.Registry.Image == first.Image
-	})
+	for _, granted := range []bool{true, false} {
+		ns := s.namespace()
+		key := engine.Key{Namespace: ns, Name: "evicted"}
+		pv := s.pv(fmt.Sprintf("pvc-granted-%v", granted), attrs(ns, "evicted", true))
+		s.build(pv, map[string]string{"f": "1"}, false)
+		s.release(pv, "Succeeded", false)
+		s.pvGone(pv)
+		first := s.registryImage(ns, "evicted", "the push", func(*v1alpha1.RegistryImage) bool { return true })
+		nc := &v1alpha1.NodeCache{}
+		ncKey := client.ObjectKey{Namespace: ns, Name: v1alpha1.NodeCacheName("evicted", "node-a")}
+		s.eventually("the manager to copy the image to the NodeCache", func() bool {
+			return s.c.Get(s.ctx, ncKey, nc) == nil && nc.Spec.Registry != nil && nc.Spec.Registry.Image == first.Image
+		})
+		if !granted { // as the agent makes it at a pull
+			patch := client.MergeFrom(nc.DeepCopy())
+			nc.Spec.CommitGranted = nil
+			if err := s.c.Patch(s.ctx, nc, patch); err != nil {
+				t.Fatal(err)
+			}
+		}
 
-	s.maint.DiskBudget = 1
-	s.maint.Pass(s.ctx)
-	s.eventually("the NodeCache to be withdrawn", func() bool { return apierrors.IsNotFound(s.c.Get(s.ctx, ncKey, nc)) })
-	time.Sleep(2 * time.Second) // a prefetch would start within this
-	if info, err := s.store.Inspect(key); !errors.Is(err, engine.ErrNotFound) {
-		t.Fatalf("after the eviction the node holds %+v (err %v)", info.Head, err)
+		s.maint.DiskBudget = 1
+		s.maint.Pass(s.ctx)
+		s.eventually(fmt.Sprintf("the NodeCache (granted: %v) to be withdrawn", granted), func() bool {
+			return apierrors.IsNotFound(s.c.Get(s.ctx, ncKey, nc))
+		})
+		time.Sleep(2 * time.Second) // a prefetch would start within this
+		if info, err := s.store.Inspect(key); !errors.Is(err, engine.ErrNotFound) {
+			t.Fatalf("granted: %v: after the eviction the node holds %+v (err %v)", granted, info.Head, err)
+		}
 	}
 }
