@@ -117,13 +117,13 @@ func addEntry(tw *tar.Writer, root, p string) error {
 }
 
 // index makes the multi-platform image index of imgs, in platform order.
-func index(imgs []platformEntry) (v1.ImageIndex, error) {
+func index(imgs []platformEntry) v1.ImageIndex {
 	var adds []mutate.IndexAddendum
 	for _, e := range imgs {
 		adds = append(adds, mutate.IndexAddendum{Add: e.image,
 			Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: e.arch}}})
 	}
-	return mutate.AppendManifests(mutate.IndexMediaType(empty.Index, types.OCIImageIndex), adds...), nil
+	return mutate.AppendManifests(mutate.IndexMediaType(empty.Index, types.OCIImageIndex), adds...)
 }
 
 type platformEntry struct {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
@@ -34,10 +35,7 @@ func release(o *options, img imageFlag) (string, error) {
 		}
 		entries = append(entries, platformEntry{arch: p.arch, image: pi})
 	}
-	idx, err := index(entries)
-	if err != nil {
-		return "", err
-	}
+	idx := index(entries)
 	d, err := idx.Digest()
 	if err != nil {
 		return "", err
@@ -74,7 +72,7 @@ func nameOpts(o *options) []name.Option {
 // attach pushes doc as an artifact whose subject is subject: what `oras
 // discover` or the referrers API lists for the image.
 func attach(repo name.Repository, subject v1.Image, doc []byte, ropts []remote.Option) error {
-	sd, err := descriptor(subject)
+	sd, err := partial.Descriptor(subject)
 	if err != nil {
 		return err
 	}
@@ -84,16 +82,16 @@ func attach(repo name.Repository, subject v1.Image, doc []byte, ropts []remote.O
 			return err
 		}
 	}
-	ld, err := layerDescriptor(layer, sbomType)
+	ld, err := partial.Descriptor(layer)
 	if err != nil {
 		return err
 	}
-	cd, err := layerDescriptor(emptyConfig, "application/vnd.oci.empty.v1+json")
+	cd, err := partial.Descriptor(emptyConfig)
 	if err != nil {
 		return err
 	}
 	m := v1.Manifest{SchemaVersion: 2, MediaType: types.OCIManifestSchema1, ArtifactType: sbomType,
-		Config: cd, Layers: []v1.Descriptor{ld}, Subject: &sd}
+		Config: *cd, Layers: []v1.Descriptor{*ld}, Subject: sd}
 	raw, err := json.Marshal(m)
 	if err != nil {
 		return err
@@ -103,28 +101,6 @@ func attach(repo name.Repository, subject v1.Image, doc []byte, ropts []remote.O
 		return err
 	}
 	return remote.Put(repo.Digest(h.String()), rawManifest{raw: raw, mt: types.OCIManifestSchema1}, ropts...)
-}
-
-func descriptor(img v1.Image) (v1.Descriptor, error) {
-	d, err := img.Digest()
-	if err != nil {
-		return v1.Descriptor{}, err
-	}
-	size, err := img.Size()
-	if err != nil {
-		return v1.Descriptor{}, err
-	}
-	mt, err := img.MediaType()
-	return v1.Descriptor{MediaType: mt, Digest: d, Size: size}, err
-}
-
-func layerDescriptor(l v1.Layer, mt types.MediaType) (v1.Descriptor, error) {
-	d, err := l.Digest()
-	if err != nil {
-		return v1.Descriptor{}, err
-	}
-	size, err := l.Size()
-	return v1.Descriptor{MediaType: mt, Digest: d, Size: size}, err
 }
 
 // rawManifest is a manifest already serialised, for remote.Put.

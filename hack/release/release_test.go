@@ -60,11 +60,7 @@ func TestIndexNamesEveryPlatform(t *testing.T) {
 		}
 		entries = append(entries, platformEntry{arch: arch, image: img})
 	}
-	idx, err := index(entries)
-	if err != nil {
-		t.Fatal(err)
-	}
-	m, err := idx.IndexManifest()
+	m, err := index(entries).IndexManifest()
 	if err != nil {
 		t.Fatal(err)
 	}
