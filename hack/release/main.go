@@ -117,7 +117,6 @@ func run(o *options) error {
 		if err != nil {
 			return fmt.Errorf("image %s: %w", img.name, err)
 		}
-		fmt.Printf("pushed %s\n", ref)
 		lines = append(lines, img.name+" "+ref)
 	}
 	return os.WriteFile(filepath.Join(o.out, "images.txt"), []byte(strings.Join(lines, "\n")+"\n"), 0o644)

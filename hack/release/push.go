@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -59,6 +60,15 @@ func release(o *options, img imageFlag) (string, error) {
 			return "", fmt.Errorf("attaching the SBOM of linux/%s: %w", p.arch, err)
 		}
 	}
+	var archs []string
+	for _, p := range img.platforms {
+		archs = append(archs, p.arch)
+	}
+	lines, err := inspect(repo.Digest(d.String()), archs, ropts)
+	if err != nil {
+		return "", err
+	}
+	fmt.Printf("pushed %s\n  %s\n", repo.Digest(d.String()), strings.Join(lines, "\n  "))
 	return repo.Digest(d.String()).String(), nil
 }
 

@@ -1,10 +1,18 @@
 package main
 
 import (
+	"io"
+	"log"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
 )
 
 // root writes a small image root: a binary-like file, a directory, a symlink.
@@ -98,3 +106,44 @@ func TestFlagsAreChecked(t *testing.T) {
 }
 
 var time0 = time.Unix(0, 0)
+
+// A pushed release reads back from a registry (go-containerregistry's own,
+// over HTTP) with every platform, each with its SBOM among its referrers;
+// asking for a platform that was not pushed fails, naming it.
+func TestPushedIndexReadsBack(t *testing.T) {
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	defer srv.Close()
+	host := strings.TrimPrefix(srv.URL, "http://")
+	o := &options{version: "v0.1.0", registry: host + "/p", out: t.TempDir(), created: "2026-01-01T00:00:00Z", insecure: true}
+	self, err := os.Executable() // a Go binary, for the SBOM's build information
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := imageFlag{name: "tool"}
+	for _, arch := range []string{"amd64", "arm64"} {
+		img.platforms = append(img.platforms, platformFlag{arch: arch, root: root(t, arch), binary: self})
+	}
+	if err := os.MkdirAll(filepath.Join(o.out, "sbom"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	ref, err := release(o, img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := name.NewDigest(ref, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ropts := []remote.Option{remote.WithReferrersTagFallback(true)}
+	lines, err := inspect(d, []string{"amd64", "arm64"}, ropts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(lines) != 2 || !strings.HasPrefix(lines[0], "linux/amd64 sha256:") || !strings.HasPrefix(lines[1], "linux/arm64 sha256:") ||
+		!strings.Contains(lines[1], " sbom sha256:") {
+		t.Errorf("read back %q", lines)
+	}
+	if _, err := inspect(d, []string{"amd64", "riscv64"}, ropts); err == nil || !strings.Contains(err.Error(), "linux/riscv64") {
+		t.Errorf("a missing platform: %v", err)
+	}
+}
