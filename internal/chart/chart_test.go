@@ -55,9 +55,26 @@ func run(t *testing.T, dir, bin string, args ...string) []byte {
 }
 
 // helmLabels are what the chart adds to every object, and kustomize does not.
-var helmLabels = []string{"app.kubernetes.io/managed-by", "app.kubernetes.io/instance", "helm.sh/chart"}
+var helmLabels = []string{"app.kubernetes.io/managed-by", "app.kubernetes.io/instance", "app.kubernetes.io/version", "helm.sh/chart"}
 
 var clusterScopedUnknownToKustomize = map[string]bool{"ValidatingAdmissionPolicy": true, "ValidatingAdmissionPolicyBinding": true}
+
+// withoutHelmLabels deletes helmLabels from the labels at path, and the
+// labels if none is left.
+func withoutHelmLabels(obj map[string]any, path ...string) {
+	labels, ok, _ := unstructured.NestedStringMap(obj, path...)
+	if !ok {
+		return
+	}
+	for _, l := range helmLabels {
+		delete(labels, l)
+	}
+	if len(labels) == 0 {
+		unstructured.RemoveNestedField(obj, path...)
+	} else {
+		unstructured.SetNestedStringMap(obj, labels, path...)
+	}
+}
 
 // objects parses a multi-document YAML stream into objects keyed by kind,
 // namespace and name, without the chart's own labels.
@@ -76,15 +93,8 @@ func objects(t *testing.T, data []byte) map[string]*unstructured.Unstructured {
 			continue
 		}
 		u := &unstructured.Unstructured{Object: m}
-		labels := u.GetLabels()
-		for _, l := range helmLabels {
-			delete(labels, l)
-		}
-		if len(labels) == 0 {
-			unstructured.RemoveNestedField(u.Object, "metadata", "labels")
-		} else {
-			u.SetLabels(labels)
-		}
+		withoutHelmLabels(u.Object, "metadata", "labels")
+		withoutHelmLabels(u.Object, "spec", "template", "metadata", "labels")
 		if clusterScopedUnknownToKustomize[u.GetKind()] {
 			// kustomize's schema predates them and gives them the
 			// namespace; the API server drops it.

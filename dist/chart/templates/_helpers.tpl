@@ -1,7 +1,10 @@
-{{/* Labels Helm adds to every object of the release. */}}
+{{/* Labels Helm adds to every object of the release, and to the pods:
+the version's makes every upgrade replace the pods, even one whose
+images did not change. */}}
 {{- define "layercache.labels" -}}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- end -}}
 
