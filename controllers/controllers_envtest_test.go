@@ -521,3 +521,40 @@ func (s *suite) nodeCache(c *v1alpha1.Cache, node string, st v1alpha1.NodeCacheS
 }
 
 var skipNameValidation = true
+
+// The manager's informers hold only labelled pods, and no object's
+// managedFields: at hundreds of nodes and thousands of pods, those are most
+// of what a cached object weighs.
+func TestTheManagersCacheIsLean(t *testing.T) {
+	env := testenv.Start(t)
+	ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "lean"}}
+	if err := env.Client.Create(context.Background(), ns); err != nil {
+		t.Fatal(err)
+	}
+	labelled, other := buildPod("lean", "build", "main", "", ""), buildPod("lean", "other", "", "", "")
+	delete(other.Labels, v1alpha1.LabelCache)
+	for _, obj := range []client.Object{labelled, other,
+		&v1alpha1.Cache{ObjectMeta: metav1.ObjectMeta{Namespace: "lean", Name: "main"}},
+		&corev1.PersistentVolumeClaim{ObjectMeta: metav1.ObjectMeta{Namespace: "lean", Name: "claim"},
+			Spec: corev1.PersistentVolumeClaimSpec{AccessModes: []corev1.PersistentVolumeAccessMode{corev1.ReadWriteOnce},
+				Resources: corev1.VolumeResourceRequirements{Requests: corev1.ResourceList{corev1.ResourceStorage: resource.MustParse("1Gi")}}}}} {
+		if err := env.Client.Create(context.Background(), obj); err != nil {
+			t.Fatal(err)
+		}
+		if err := env.Client.Get(context.Background(), client.ObjectKeyFromObject(obj), obj); err != nil || len(obj.GetManagedFields()) == 0 {
+			t.Fatalf("the API server has no managedFields for %T %s (%v)", obj, obj.GetName(), err)
+		}
+		if !env.CachedCopy(t, controllers.CacheOptions(), obj) {
+			if obj != other {
+				t.Errorf("the manager's cache does not hold %T %s", obj, obj.GetName())
+			}
+			continue
+		}
+		if obj == other {
+			t.Errorf("the manager's cache holds the unlabelled pod %s", obj.GetName())
+		}
+		if n := len(obj.GetManagedFields()); n > 0 {
+			t.Errorf("the manager's cache holds %T %s with %d managedFields entries", obj, obj.GetName(), n)
+		}
+	}
+}

@@ -9,10 +9,11 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/manager"
 )
 
-// CacheOptions restricts the manager's pod cache to build pods: it never
-// holds the cluster's other pods.
+// CacheOptions restricts the manager's pod cache to build pods (it never
+// holds the cluster's other pods) and keeps no object's managedFields,
+// which no reconciler reads.
 func CacheOptions() cache.Options {
-	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+	return cache.Options{DefaultTransform: cache.TransformStripManagedFields(), ByObject: map[client.Object]cache.ByObject{
 		&corev1.Pod{}: {Label: LabelledPods()},
 	}}
 }

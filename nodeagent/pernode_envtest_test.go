@@ -127,3 +127,36 @@ func TestReplacedNodeForgetsItsCaches(t *testing.T) {
 		t.Errorf("owner = %q, want %q", owner, again.UID)
 	}
 }
+
+// A node agent's informers hold its own node's NodeCaches, never another
+// node's, and no object's managedFields.
+func TestTheAgentsCacheIsLean(t *testing.T) {
+	env := testenv.Start(t)
+	ctx := context.Background()
+	if err := env.Client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "lean"}}); err != nil {
+		t.Fatal(err)
+	}
+	nodeCache := func(node string) *v1alpha1.NodeCache {
+		return &v1alpha1.NodeCache{ObjectMeta: metav1.ObjectMeta{Namespace: "lean", Name: v1alpha1.NodeCacheName("main", node),
+			Labels: map[string]string{v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)}},
+			Spec: v1alpha1.NodeCacheSpec{Cache: "main", Node: node}}
+	}
+	own, other := nodeCache("node-a"), nodeCache("node-b")
+	for _, nc := range []*v1alpha1.NodeCache{own, other} {
+		if err := env.Client.Create(ctx, nc); err != nil {
+			t.Fatal(err)
+		}
+		if err := env.Client.Get(ctx, client.ObjectKeyFromObject(nc), nc); err != nil || len(nc.ManagedFields) == 0 {
+			t.Fatalf("the API server has no managedFields for %s (%v)", nc.Name, err)
+		}
+	}
+	if !env.CachedCopy(t, CacheOptions("node-a"), own) {
+		t.Fatalf("node-a's cache does not hold its NodeCache %s", own.Name)
+	}
+	if n := len(own.ManagedFields); n > 0 {
+		t.Errorf("node-a's cache holds %s with %d managedFields entries", own.Name, n)
+	}
+	if env.CachedCopy(t, CacheOptions("node-a"), other) {
+		t.Errorf("node-a's cache holds node-b's NodeCache %s", other.Name)
+	}
+}

@@ -44,10 +44,11 @@ type Options struct {
 }
 
 // CacheOptions restricts a node agent's cache, hence what it watches and
-// reconciles, to the PVs and NodeCaches of its own node.
+// reconciles, to the PVs and NodeCaches of its own node, and keeps no
+// object's managedFields, which nothing of it reads.
 func CacheOptions(node string) cache.Options {
 	own := labels.SelectorFromSet(labels.Set{v1alpha1.LabelNode: v1alpha1.NodeLabelValue(node)})
-	return cache.Options{ByObject: map[client.Object]cache.ByObject{
+	return cache.Options{DefaultTransform: cache.TransformStripManagedFields(), ByObject: map[client.Object]cache.ByObject{
 		&corev1.PersistentVolume{}: {Label: own},
 		&v1alpha1.NodeCache{}:      {Label: own},
 	}}
