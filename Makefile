@@ -69,14 +69,14 @@ fmt: ## Format the Go code.
 
 .PHONY: vet
 vet: ## Run go vet (the e2e suites included).
-	$(GO) vet -tags e2e,extended ./...
+	$(GO) vet -tags e2e,extended,upgrade ./...
 
 .PHONY: lint
 lint: vet $(STATICCHECK) ## Run go vet, staticcheck and a gofmt check.
 	@unformatted=$$(gofmt -l $$( { git ls-files --cached --others --exclude-standard '*.go' 2>/dev/null || find . -name '*.go' -not -path './bin/*'; } | \
 		while read -r f; do [ -f "$$f" ] && echo "$$f"; done)); \
 	if [ -n "$$unformatted" ]; then echo "gofmt needed on: $$unformatted"; exit 1; fi
-	$(STATICCHECK) -tags e2e,extended ./...
+	$(STATICCHECK) -tags e2e,extended,upgrade ./...
 	@[ -x $(BIN)/actionlint ] || hack/actionlint/build.sh $(BIN)
 	$(BIN)/actionlint .github/workflows/*.yml
 

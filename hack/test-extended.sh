@@ -2,8 +2,9 @@
 # The extended end-to-end tests (make test-extended; CI runs them after
 # make test): layercache under tools users already run, each the real tool
 # built from the Go module proxy or Debian's packages. On a local cluster
-# (NODES, default 1): the Helm chart installed, upgraded and uninstalled
-# with the real helm, the build-cache story in between (hack/test-helm.sh);
+# (NODES, default 2): the previous release installed with the real helm,
+# upgraded to this tree during a build with nothing lost, upgraded again
+# and uninstalled, the build-cache story in between (hack/test-helm.sh);
 # then, on config/local, a real Tekton Pipelines (hack/tekton) running a
 # pipeline whose build task's workspace is a cache, and a nested podman
 # (Debian's podman and fuse-overlayfs) whose image storage is a cache; and
@@ -16,7 +17,7 @@ if [ "$(id -u)" != 0 ]; then
   exit 0
 fi
 . hack/cluster/lib.sh
-export NODES=${NODES:-1}
+export NODES=${NODES:-2}
 rc=0
 {
   hack/images/build.sh tekton >/dev/null && hack/images/build.sh golang >/dev/null &&

@@ -31,10 +31,15 @@ NODES=${NODES:-}
 NODES_BRIDGE=lcnodes
 NODES_NET=10.87.0
 NODES_STATE=$STATE/nodes
-# HOST_REGISTRY is a registry on node 1's loopback that its containerd
-# pulls from over plain HTTP: where hack/test-helm.sh releases the images
-# that the chart installs (a newcomer's path: nothing imported by hand).
-HOST_REGISTRY=127.0.0.1:5001
+# host_registry: the address of a registry on this host that every node's
+# containerd pulls from over plain HTTP: where hack/test-helm.sh releases
+# the images that the chart installs (a newcomer's path: nothing imported
+# by hand). With one node, on the loopback; with more, on the nodes'
+# bridge, which every node and pod reaches.
+HOST_REGISTRY_PORT=5001
+host_registry() {
+  if [ "$(cluster_nodes)" -gt 1 ]; then echo "$NODES_NET.1:$HOST_REGISTRY_PORT"; else echo "127.0.0.1:$HOST_REGISTRY_PORT"; fi
+}
 # The node count the running cluster was started with (1 if none).
 cluster_nodes() { cat "$STATE/nodes-count" 2>/dev/null || echo 1; }
 node_dir() { echo "$NODES_STATE/node$1"; }
@@ -123,12 +128,15 @@ state = "$1/state"
   [plugins."io.containerd.grpc.v1.cri".registry]
     config_path = "$1/certs.d"
 EOT
-  mkdir -p "$1/certs.d/$HOST_REGISTRY"
-  cat > "$1/certs.d/$HOST_REGISTRY/hosts.toml" <<EOT
-server = "http://$HOST_REGISTRY"
-[host."http://$HOST_REGISTRY"]
+  local reg
+  for reg in "127.0.0.1:$HOST_REGISTRY_PORT" "$NODES_NET.1:$HOST_REGISTRY_PORT"; do
+    mkdir -p "$1/certs.d/$reg"
+    cat > "$1/certs.d/$reg/hosts.toml" <<EOT
+server = "http://$reg"
+[host."http://$reg"]
   capabilities = ["pull", "resolve"]
 EOT
+  done
 }
 
 # write_cni_config DIR SUBNET: one node's pod network (a bridge, no
