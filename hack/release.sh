@@ -58,12 +58,19 @@ created=$(TZ=UTC git log -1 --date=format-local:%Y-%m-%dT%H:%M:%SZ --format=%cd 
   --deb "ca-certificates=$cacerts" "${insecure[@]}" "${images[@]}")
 ref() { awk -v n="$1" '$1 == n {print $2}' "$out/images.txt"; }
 # COSIGN=keyless signs each image with the CI's OIDC identity (the release
-# workflow); COSIGN=KEYFILE, with a key.
+# workflow); COSIGN=KEYFILE, with a key (its password in COSIGN_PASSWORD).
+# COSIGN_TLOG=false: no entry in the Rekor transparency log (a registry
+# without the internet). The cosign of PATH, else hack/cosign's in bin/.
+cosign_args=(--yes)
+[ "${COSIGN_TLOG:-true}" = true ] || cosign_args+=(--tlog-upload=false)
+[ "${REGISTRY_INSECURE:-false}" != true ] || cosign_args+=(--allow-insecure-registry --allow-http-registry)
+cosign=$(command -v cosign || echo "$repo/bin/cosign")
 case "${COSIGN:-}" in
   "") ;;
-  keyless) awk '{print $2}' "$out/images.txt" | xargs -n1 cosign sign --yes ;;
+  keyless) awk '{print $2}' "$out/images.txt" | xargs -n1 "$cosign" sign "${cosign_args[@]}" ;;
   *) [ -r "$COSIGN" ] || die "COSIGN=$COSIGN: no such key file"
-     awk '{print $2}' "$out/images.txt" | xargs -n1 cosign sign --yes --key "$COSIGN" ;;
+     [ -x "$cosign" ] || hack/cosign/build.sh bin
+     awk '{print $2}' "$out/images.txt" | xargs -n1 "$cosign" sign "${cosign_args[@]}" --key "$COSIGN" ;;
 esac
 manager=$(ref manager) agent=$(ref node-agent)
 

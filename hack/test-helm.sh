@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # A newcomer's install and an upgrade that loses nothing, on the running
 # local cluster (2 nodes or more), with the real helm (bin/helm):
-#   1. `make release` of this tree and of the previous release into a
-#      registry on this host (host_registry, CNCF Distribution), which the
-#      nodes pull the images from by digest: nothing is imported by hand;
+#   1. `make release` of this tree (signed with a new key, the signatures
+#      verified with cosign) and of the previous release into a registry
+#      on this host (host_registry, CNCF Distribution), which the nodes
+#      pull the images from by digest: nothing is imported by hand;
 #   2. `helm install` of the previous release's chart from oci://
 #      (built-in certificates; caches pushed to the same registry);
 #   3. the upgrade to this tree during a build and a creation storm
@@ -55,10 +56,18 @@ regpid=$!
 wait_for "the host's registry" 30 curl -fsS -o /dev/null "http://$reg/v2/"
 
 version=v0.0.0-ci
+[ -x bin/cosign ] || hack/cosign/build.sh bin
+(cd "$work" && COSIGN_PASSWORD=test-helm "$REPO_ROOT/bin/cosign" generate-key-pair >/dev/null 2>&1)
 start=$SECONDS
-log "make release VERSION=$version REGISTRY=$reg/layercache"
-VERSION=$version REGISTRY=$reg/layercache REGISTRY_INSECURE=true hack/release.sh
+log "make release VERSION=$version REGISTRY=$reg/layercache COSIGN=KEYFILE"
+VERSION=$version REGISTRY=$reg/layercache REGISTRY_INSECURE=true COSIGN=$work/cosign.key COSIGN_PASSWORD=test-helm \
+  COSIGN_TLOG=false hack/release.sh
 log "released in $((SECONDS - start))s"
+for image in $(awk '{print $2}' dist/release/images.txt); do
+  bin/cosign verify --key "$work/cosign.pub" --insecure-ignore-tlog=true --allow-insecure-registry --allow-http-registry \
+    "$image" >/dev/null 2>&1 || die "cosign verify $image: no valid signature by the release's key"
+done
+log "every image's signature verified with the release's key"
 
 previous=${PREVIOUS_RELEASE:-$(git tag -l 'v*' --sort=-v:refname | head -1)}
 previous=${previous:-$PINNED_PREVIOUS}
