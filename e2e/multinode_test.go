@@ -15,6 +15,7 @@ import (
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -253,6 +254,9 @@ type refusal struct {
 	err   error
 }
 
+// sentAnnotation is when a storm sent a pod's creation.
+const sentAnnotation = "e2e.layercache.io/sent"
+
 func (e *env) storm(prefix string, max int, interval time.Duration, stop <-chan struct{}) ([]string, []refusal) {
 	var (
 		names   []string
@@ -274,6 +278,7 @@ func (e *env) storm(prefix string, max int, interval time.Duration, stop <-chan 
 		go func() {
 			defer wg.Done()
 			start := time.Now()
+			p.Annotations = map[string]string{sentAnnotation: start.Format(time.RFC3339Nano)}
 			if err := c.Create(e.ctx, p); err != nil {
 				mu.Lock()
 				refused = append(refused, refusal{p.Name, start, err})
@@ -344,9 +349,9 @@ func (e *env) uncached(names []string) []string {
 
 // The manager runs two replicas; the leader is killed (SIGKILL) while
 // labelled pods are created, one every 200 ms for 30 s. The webhook fails
-// open: none is refused; a request in flight to the killed replica is
-// admitted uncached, with its event; every other pod gets its claim, and
-// every claim is released.
+// open: none is refused; a request in flight to the killed replica, or
+// sent before its endpoint is dropped, is admitted uncached, with its
+// event; every other pod gets its claim, and every claim is released.
 func TestManagerHA(t *testing.T) {
 	e := newEnv(t)
 	e.needNodes()
@@ -377,6 +382,7 @@ func TestManagerHA(t *testing.T) {
 	time.Sleep(5 * time.Second)
 	killed := time.Now()
 	killManager(t, firstPod)
+	unready := e.endpointUnready(firstPod)
 	var paused time.Duration
 	e.eventually("another leader", 90*time.Second, func() bool {
 		l := leader()
@@ -386,13 +392,55 @@ func TestManagerHA(t *testing.T) {
 	t.Logf("the leader %s was killed; %s took over after %.1fs", first, leader(), paused.Seconds())
 	<-done
 	// A request in flight to the killed replica, or sent to its endpoint
-	// before the kubelet reports it dead, fails in transport; the API
-	// server retries none and admits the pod as written.
-	skipped := e.stormOutcome("the kill", killed, names, refused)
-	if len(skipped) > 10 {
-		t.Errorf("%d pods uncached: more than the requests in flight to the killed replica", len(skipped))
+	// before the kubelet reports it dead and kube-proxy drops it, fails in
+	// transport; the API server retries none and admits the pod as written.
+	// No other pod may run uncached.
+	gone := <-unready
+	t.Logf("the killed replica's endpoint was unready %.1fs after the kill", gone.Sub(killed).Seconds())
+	for _, name := range e.stormOutcome("the kill", killed, names, refused) {
+		p := &corev1.Pod{}
+		if err := c.Get(e.ctx, client.ObjectKey{Namespace: e.ns, Name: name}, p); err != nil {
+			t.Fatal(err)
+		}
+		sent, err := time.Parse(time.RFC3339Nano, p.Annotations[sentAnnotation])
+		if err != nil || sent.Before(killed.Add(-time.Second)) || sent.After(gone.Add(kubeProxySync)) {
+			t.Errorf("%s ran uncached, sent %+.1fs from the kill: not in flight to the killed replica, nor before its endpoint was dropped (%v)",
+				name, sent.Sub(killed).Seconds(), err)
+		}
 	}
 	e.settled() // every claim created and released
+}
+
+// kubeProxySync bounds how long kube-proxy takes to drop an endpoint once
+// its EndpointSlice says it is not ready (its minSyncPeriod is 1s).
+const kubeProxySync = 3 * time.Second
+
+// endpointUnready reports when the webhook Service's EndpointSlices first
+// show pod's endpoint not ready, or no longer list it.
+func (e *env) endpointUnready(pod string) <-chan time.Time {
+	out := make(chan time.Time, 1)
+	go func() {
+		for deadline := time.Now().Add(60 * time.Second); time.Now().Before(deadline); time.Sleep(100 * time.Millisecond) {
+			slices := &discoveryv1.EndpointSliceList{}
+			if c.List(e.ctx, slices, client.InNamespace("layercache-system"),
+				client.MatchingLabels{discoveryv1.LabelServiceName: "layercache-webhook-service"}) != nil {
+				continue
+			}
+			ready := false
+			for _, sl := range slices.Items {
+				for _, ep := range sl.Endpoints {
+					if ep.TargetRef != nil && ep.TargetRef.Name == pod && (ep.Conditions.Ready == nil || *ep.Conditions.Ready) {
+						ready = true
+					}
+				}
+			}
+			if !ready {
+				break
+			}
+		}
+		out <- time.Now()
+	}()
+	return out
 }
 
 // twoManagers waits for 2 ready manager replicas, and no other.
