@@ -57,7 +57,8 @@ wait_for "the host's registry" 30 curl -fsS -o /dev/null "http://$reg/v2/"
 
 version=v0.0.0-ci
 [ -x bin/cosign ] || hack/cosign/build.sh bin
-(cd "$work" && COSIGN_PASSWORD=test-helm "$REPO_ROOT/bin/cosign" generate-key-pair >/dev/null 2>&1)
+(cd "$work" && COSIGN_PASSWORD=test-helm "$REPO_ROOT/bin/cosign" generate-key-pair >/dev/null) ||
+  die "cosign generate-key-pair failed"
 start=$SECONDS
 log "make release VERSION=$version REGISTRY=$reg/layercache COSIGN=KEYFILE"
 VERSION=$version REGISTRY=$reg/layercache REGISTRY_INSECURE=true COSIGN=$work/cosign.key COSIGN_PASSWORD=test-helm \

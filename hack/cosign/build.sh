@@ -6,5 +6,6 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 out=${1:-$here/../../bin}
 mkdir -p "$out"
+out=$(cd "$out" && pwd) # before the cd below: DIR may be relative
 cd "$here"
 CGO_ENABLED=0 go build -trimpath -ldflags "-s -w -buildid=" -o "$out/cosign" github.com/sigstore/cosign/v2/cmd/cosign
