@@ -199,11 +199,14 @@ func (e *env) generation(cache string) int64 {
 	return ca.Status.Nodes[0].Generation
 }
 
+// listCache prints a build's /cache files, sorted, as "name=content" lines.
+const listCache = `cd /cache && for f in $(ls | sort); do echo "$f=$(cat $f)"; done`
+
 // read runs a reader pod that prints the cache's files, sorted, as
 // "name=content" lines.
 func (e *env) read(cache, name string) string {
 	e.t.Helper()
-	phase, out := e.run(buildPod(name, cache, "read", "", `cd /cache && for f in $(ls | sort); do echo "$f=$(cat $f)"; done`, nil))
+	phase, out := e.run(buildPod(name, cache, "read", "", listCache, nil))
 	if phase != corev1.PodSucceeded {
 		e.t.Fatalf("reader %s: %s: %s", name, phase, out)
 	}

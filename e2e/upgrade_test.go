@@ -115,8 +115,6 @@ func (u upgrade) helmUpgrade(t *testing.T) {
 	kubectl(t, "-n", "layercache-system", "rollout", "status", "daemonset/layercache-node-agent", "--timeout=180s")
 }
 
-const listCache = `cd /cache && for f in $(ls | sort); do echo "$f=$(cat $f)"; done`
-
 // The previous release runs (hack/test-helm.sh installed it): a cache
 // committed on each of two nodes, both pushed to the registry, and a
 // trusted build of the first running. The release is upgraded to this
