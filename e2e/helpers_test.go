@@ -79,8 +79,7 @@ func newEnv(t *testing.T) *env {
 	}
 	t.Cleanup(func() {
 		if t.Failed() {
-			e := &env{t: t, ctx: ctx, ns: ns.Name}
-			t.Logf("events in %s:\n%s", ns.Name, e.events(""))
+			(&env{t: t, ctx: ctx, ns: ns.Name}).keepEvidence()
 		}
 		c.Delete(context.Background(), ns)
 	})
@@ -93,6 +92,40 @@ func newEnv(t *testing.T) *env {
 		return c.Get(ctx, client.ObjectKey{Namespace: ns.Name, Name: "default"}, &corev1.ServiceAccount{}) == nil
 	})
 	return e
+}
+
+// keepEvidence writes, for a failed test, its namespace's events and the
+// logs of layercache's pods into files (E2E_EVIDENCE, or a directory under
+// the temporary one), and logs only where: the test's own failures stay
+// the last lines of its output, where CI shows them.
+func (e *env) keepEvidence() {
+	dir := os.Getenv("E2E_EVIDENCE")
+	if dir == "" {
+		dir = filepath.Join(os.TempDir(), "layercache-e2e")
+	}
+	dir = filepath.Join(dir, strings.ReplaceAll(e.t.Name(), "/", "_"))
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		e.t.Logf("keeping the evidence: %v", err)
+		return
+	}
+	files := map[string]string{"events-" + e.ns + ".txt": e.events("")}
+	pods := &corev1.PodList{}
+	if err := c.List(e.ctx, pods, client.InNamespace("layercache-system")); err != nil {
+		e.t.Logf("keeping the evidence: %v", err)
+	}
+	for _, p := range pods.Items {
+		out, err := kubectlCmd("-n", p.Namespace, "logs", p.Name, "--all-containers", "--timestamps").CombinedOutput()
+		if err != nil {
+			out = fmt.Appendf(out, "\n%v", err)
+		}
+		files[p.Name+".log"] = string(out)
+	}
+	for name, text := range files {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
+			e.t.Logf("keeping the evidence: %v", err)
+		}
+	}
+	e.t.Logf("the namespace's events and layercache's logs are in %s", dir)
 }
 
 // labelNamespace sets a label on the test's namespace.

@@ -175,12 +175,15 @@ func TestUpgradeLosesNothing(t *testing.T) {
 	if phase, out := e.wait("long"); phase != corev1.PodSucceeded {
 		t.Fatalf("the long build: %s %s", phase, out)
 	}
+	ended := time.Now()
 	e.settled()
 	e.eventually("the long build's commit on "+a, 60*time.Second, func() bool {
 		s := e.nodeStatus("on-a", a)
 		return s != nil && s.Generation == 2
 	})
+	t.Logf("the long build's commit reported %.1fs after it ended", time.Since(ended).Seconds())
 	e.registryImage("on-a", a, 2)
+	t.Logf("and pushed %.1fs after it ended", time.Since(ended).Seconds())
 	for i, r := range []struct{ node, cache, want string }{
 		{a, "on-a", "a=a\nlong=long"}, {b, "on-b", "b=b"},
 		{a, "on-b", "b=b"},            // pulled: pushed by the previous release
