@@ -120,6 +120,14 @@ func (e *env) keepEvidence() {
 		}
 		files[p.Name+".log"] = string(out)
 	}
+	// The kubelets' logs (the local cluster's): a volume the kubelet does
+	// not unmount is told there.
+	kubelets, _ := filepath.Glob(filepath.Join(clusterState, "logs", "*kubelet.log"))
+	for _, f := range kubelets {
+		if b, err := os.ReadFile(f); err == nil {
+			files[filepath.Base(f)] = string(b)
+		}
+	}
 	for name, text := range files {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
 			e.t.Logf("keeping the evidence: %v", err)
@@ -208,19 +216,41 @@ func (e *env) logs(name string) string {
 // commit (or discard) is done.
 func (e *env) settled() {
 	e.t.Helper()
-	e.eventually("claims and volumes to be released", 90*time.Second, func() bool {
-		pvcs := &corev1.PersistentVolumeClaimList{}
-		pvs := &corev1.PersistentVolumeList{}
-		if c.List(e.ctx, pvcs, client.InNamespace(e.ns)) != nil || c.List(e.ctx, pvs) != nil {
-			return false
+	var left []string
+	for deadline := time.Now().Add(90 * time.Second); ; time.Sleep(250 * time.Millisecond) {
+		if left = e.unreleased(); len(left) == 0 {
+			return
 		}
-		for _, pv := range pvs.Items {
-			if pv.Spec.ClaimRef != nil && pv.Spec.ClaimRef.Namespace == e.ns {
-				return false
-			}
+		if time.Now().After(deadline) {
+			e.t.Fatalf("timed out after 90s waiting for claims and volumes to be released; left:\n%s", strings.Join(left, "\n"))
 		}
-		return len(pvcs.Items) == 0
-	})
+	}
+}
+
+// unreleased describes the test namespace's claims and the volumes bound
+// to it that are still there: phase, deletion, finalizers, node.
+func (e *env) unreleased() []string {
+	pvcs := &corev1.PersistentVolumeClaimList{}
+	pvs := &corev1.PersistentVolumeList{}
+	if err := c.List(e.ctx, pvcs, client.InNamespace(e.ns)); err != nil {
+		return []string{err.Error()}
+	}
+	if err := c.List(e.ctx, pvs); err != nil {
+		return []string{err.Error()}
+	}
+	var left []string
+	for _, pvc := range pvcs.Items {
+		left = append(left, fmt.Sprintf("PVC %s: %s, deleting %v, finalizers %v", pvc.Name, pvc.Status.Phase,
+			pvc.DeletionTimestamp != nil, pvc.Finalizers))
+	}
+	for _, pv := range pvs.Items {
+		if pv.Spec.ClaimRef != nil && pv.Spec.ClaimRef.Namespace == e.ns {
+			left = append(left, fmt.Sprintf("PV %s (claim %s, node %s): %s, deleting %v, finalizers %v, annotations %v",
+				pv.Name, pv.Spec.ClaimRef.Name, pv.Labels[v1alpha1.LabelNode], pv.Status.Phase, pv.DeletionTimestamp != nil,
+				pv.Finalizers, pv.Annotations))
+		}
+	}
+	return left
 }
 
 // generation is the cache's head generation on the node (0 if none).
